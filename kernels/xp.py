@@ -1,0 +1,92 @@
+"""Array-namespace helpers: pick numpy or CuPy once, at the pipeline boundary.
+
+Kernels receive ``xp`` explicitly; only this module knows how to find CuPy, so that no stage
+imports it (style guide patterns 4 and 6).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+Array = Any  # numpy.ndarray or cupy.ndarray; kernels are duck-typed over both
+
+BACKENDS = ("numpy", "cupy")
+
+
+def get_namespace(backend: str) -> ModuleType:
+    """Return the array module for ``backend`` ("numpy" or "cupy").
+
+    Raises:
+        ValueError: unknown backend name.
+        RuntimeError: CuPy requested but not importable or no CUDA device is visible.
+    """
+    if backend == "numpy":
+        return np
+    if backend == "cupy":
+        try:
+            cupy = importlib.import_module("cupy")
+        except ImportError as exc:  # pragma: no cover - depends on the machine
+            raise RuntimeError(
+                "backend 'cupy' needs CuPy: install the 'gpu' extra (pip install -e '.[gpu]')"
+            ) from exc
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            raise RuntimeError(f"backend 'cupy': no usable CUDA device ({exc})") from exc
+        if n < 1:  # pragma: no cover
+            raise RuntimeError("backend 'cupy': no CUDA device visible")
+        return cupy
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports and at least one CUDA device is visible."""
+    try:
+        get_namespace("cupy")
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def backend_name(xp: ModuleType) -> str:
+    """Name of an array namespace: "numpy" or "cupy"."""
+    name = xp.__name__.split(".")[0]
+    if name not in BACKENDS:
+        raise TypeError(f"unsupported array namespace {xp.__name__!r}; expected numpy or cupy")
+    return name
+
+
+def array_namespace(*arrays: Array) -> ModuleType:
+    """Namespace of the given arrays; refuses to mix numpy and CuPy arrays."""
+    found: set[str] = set()
+    for a in arrays:
+        if a is None:
+            continue
+        mod = type(a).__module__.split(".")[0]
+        found.add("cupy" if mod == "cupy" else "numpy")
+    if len(found) > 1:
+        raise TypeError("arrays from numpy and CuPy mixed in one call")
+    if found == {"cupy"}:
+        return importlib.import_module("cupy")
+    return np
+
+
+def to_numpy(a: Array) -> np.ndarray:
+    """Host copy of an array (no copy for numpy input)."""
+    if isinstance(a, np.ndarray):
+        return a
+    get = getattr(a, "get", None)
+    if get is None:
+        return np.asarray(a)
+    return get()
+
+
+def asarray(xp: ModuleType, a: Any, dtype: Any = None) -> Array:
+    """Move ``a`` to the namespace ``xp`` (host->device copy for CuPy)."""
+    if xp is np:
+        return np.asarray(to_numpy(a), dtype=dtype)
+    return xp.asarray(a, dtype=dtype)

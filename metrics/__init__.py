@@ -1,0 +1,1 @@
+"""trackfleet metrics: Prometheus exporters and performance analysis."""

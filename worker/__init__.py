@@ -1,0 +1,1 @@
+"""trackfleet worker: holds a warm reconstruction chain and serves events from the broker."""
