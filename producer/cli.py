@@ -19,6 +19,11 @@ from producer.io.errors import InputError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("producer.sim.simulate", "generate events with ACTS (needs the 'sim' extra)"),
     "inspect": ("producer.inspect", "summarize the events of an input"),
+    "reconstruct": ("worker.standalone", "run the reconstruction chain over an input in one process"),
+    "validate": (
+        "producer.validate",
+        "measure efficiency, fake and duplicate rates against simulation truth",
+    ),
 }
 
 
