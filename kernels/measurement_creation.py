@@ -69,6 +69,13 @@ def create_measurements(
     sw00 = _segment_sum(xp, cluster, w * l0 * l0, n_clusters)
     sw11 = _segment_sum(xp, cluster, w * l1 * l1, n_clusters)
     ncell = _segment_sum(xp, cluster, xp.ones_like(cluster, dtype=xp.int32), n_clusters)
+    extents = []
+    for ch in (channel0, channel1):
+        hi = xp.full(n_clusters, -1, dtype=xp.int32)
+        lo = xp.full(n_clusters, 2**30, dtype=xp.int32)
+        xp.maximum.at(hi, cluster, ch.astype(xp.int32))
+        xp.minimum.at(lo, cluster, ch.astype(xp.int32))
+        extents.append(hi - lo + 1)
     # every cluster's first cell gives its module and event (clusters are numbered by first cell)
     first = xp.zeros(n_clusters, dtype=xp.int64)
     is_first = xp.ones(cluster.shape[0], dtype=bool)
@@ -102,5 +109,7 @@ def create_measurements(
         var1=var1,
         dimension=dimension,
         n_cells=ncell,
+        extent0=extents[0],
+        extent1=extents[1],
         truth_id=truth_id,
     )

@@ -15,6 +15,8 @@ from types import ModuleType
 
 import numpy as np
 
+from kernels.ambiguity import AmbiguityConfig, resolve
+from kernels.ckf import FindingConfig, TrackCandidates, find_tracks, finding_geometry
 from kernels.clusterization import ClusteringConfig, clusterize
 from kernels.detector import Detector
 from kernels.edm.cells import Cells
@@ -22,11 +24,15 @@ from kernels.edm.measurements import Measurements, Spacepoints
 from kernels.edm.seeds import BoundParameters, Seeds
 from kernels.edm.tracks import Tracks
 from kernels.errors import ConfigError, DetectorMismatchError
+from kernels.fitting import FittingConfig, fit_tracks
 from kernels.measurement_creation import create_measurements
+from kernels.measurement_errors import MeasurementErrorConfig, measurement_variances
+from kernels.navigation import NavigationConfig, build_navigation
 from kernels.seeding import SeedingConfig, find_seeds, seeding_geometry
+from kernels.segments import expand_ranges
 from kernels.spacepoint_formation import form_spacepoints
 from kernels.track_params import TrackParamsConfig, estimate_parameters
-from kernels.xp import backend_name
+from kernels.xp import backend_name, to_numpy
 
 FRONT_STAGES = ("clusterization", "measurements", "spacepoints", "seeding", "track_params")
 BACK_STAGES = ("finding", "ambiguity", "fitting")
@@ -44,6 +50,11 @@ class ChainConfig:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     seeding: SeedingConfig = field(default_factory=SeedingConfig)
     track_params: TrackParamsConfig = field(default_factory=TrackParamsConfig)
+    navigation: NavigationConfig = field(default_factory=NavigationConfig)
+    finding: FindingConfig = field(default_factory=FindingConfig)
+    ambiguity: AmbiguityConfig = field(default_factory=AmbiguityConfig)
+    fitting: FittingConfig = field(default_factory=FittingConfig)
+    measurement_errors: MeasurementErrorConfig = field(default_factory=MeasurementErrorConfig)
     last_stage: str = STAGES[-1]
 
     def __post_init__(self) -> None:
@@ -82,6 +93,9 @@ class Chain:
         self.detector = detector.to(xp)
         self.fingerprint = detector.fingerprint()
         self.seeding_geometry = seeding_geometry(xp, detector)
+        self.finding_geometry = finding_geometry(
+            xp, detector, build_navigation(detector, self.config.navigation), self.config.finding
+        )
 
     def _sync(self) -> None:
         if self.backend == "cupy":
@@ -157,11 +171,135 @@ class Chain:
         """Tracks of one event and the wall time of each stage [s]."""
         return self.reconstruct_batch([cells])[0]
 
+    def run_back(self, front: FrontResult, timings: dict[str, float]) -> list[Tracks]:
+        """The second half of the chain on the batch's seeds; tracks per event (host arrays)."""
+        xp, det, cfg = self.xp, self.detector, self.config
+        n_events = len(front.event_ids)
+        if (
+            front.params is None
+            or front.measurements is None
+            or front.seeds is None
+            or front.spacepoints is None
+        ):
+            return [Tracks.empty(e) for e in front.event_ids]
+
+        def stamp(stage: str, t0: float) -> float:
+            self._sync()
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - t0
+            return now
+
+        t = time.perf_counter()
+        meas = front.measurements
+        variances = measurement_variances(xp, det, meas, cfg.measurement_errors)
+        cands = find_tracks(
+            xp,
+            det,
+            self.finding_geometry,
+            meas,
+            front.spacepoints,
+            front.seeds,
+            front.params,
+            variances,
+            cfg.finding,
+        )
+        t = stamp("finding", t)
+        if not cfg.runs("ambiguity"):
+            return self._to_tracks(front, cands, xp.ones(cands.size, dtype=bool), None, n_events)
+        keep = resolve(xp, cands.offsets, cands.measurements, cands.chi2, meas.size, cfg.ambiguity)
+        t = stamp("ambiguity", t)
+        if not cfg.runs("fitting"):
+            return self._to_tracks(front, cands, keep, None, n_events)
+        sel = xp.nonzero(keep)[0]
+        offsets, rows = _subset_csr(xp, cands.offsets, sel)
+        measurements = cands.measurements[rows]
+        seed_rows = cands.seed[sel]
+        fit = fit_tracks(
+            xp,
+            det,
+            self.finding_geometry.material,
+            meas,
+            offsets,
+            measurements,
+            front.params.params[seed_rows],
+            front.params.cov[seed_rows],
+            variances,
+            cfg.fitting,
+        )
+        stamp("fitting", t)
+        return self._to_tracks(front, cands, keep, fit, n_events)
+
+    def _to_tracks(
+        self, front: FrontResult, cands: TrackCandidates, keep, fit, n_events: int
+    ) -> list[Tracks]:
+        """Split the batch's tracks by event (host arrays)."""
+        xp = self.xp
+        meas = front.measurements
+        assert meas is not None
+        sel = xp.nonzero(keep)[0]
+        offsets, rows = _subset_csr(xp, cands.offsets, sel)
+        mi = cands.measurements[rows]
+        if fit is not None:
+            params, cov, chi2, ndf = fit.params, fit.cov, fit.chi2, fit.ndf
+            good = fit.ok
+        else:
+            # unfitted candidates: report the last filtered state as it is (bound, not perigee)
+            params, cov, chi2 = cands.params[sel], cands.cov[sel], cands.chi2[sel]
+            ndf = (offsets[1:] - offsets[:-1]).astype(xp.int32) * 2 - 5
+            good = xp.ones(sel.shape[0], dtype=bool)
+        host = {
+            "event": cands.event[sel],
+            "params": params,
+            "cov": cov,
+            "chi2": chi2,
+            "ndf": ndf,
+            "holes": cands.n_holes[sel],
+            "good": good,
+            "offsets": offsets,
+            "geometry_id": self.detector.geometry_id[meas.module[mi]],
+            "local0": meas.local0[mi],
+            "local1": meas.local1[mi],
+            "dimension": meas.dimension[mi],
+            "truth": meas.truth_id[mi],
+        }
+        h = {k: to_numpy(v) for k, v in host.items()}
+        out = []
+        for i, event_id in enumerate(front.event_ids):
+            tr = np.flatnonzero((h["event"] == i) & h["good"])
+            off, mrows = _subset_csr(np, h["offsets"], tr)
+            out.append(
+                Tracks(
+                    params=h["params"][tr],
+                    cov=h["cov"][tr],
+                    chi2=h["chi2"][tr].astype(np.float64),
+                    ndf=h["ndf"][tr].astype(np.int32),
+                    n_holes=h["holes"][tr].astype(np.int32),
+                    meas_offsets=off,
+                    meas_geometry_id=h["geometry_id"][mrows].astype(np.uint64),
+                    meas_local0=h["local0"][mrows],
+                    meas_local1=h["local1"][mrows],
+                    meas_dimension=h["dimension"][mrows].astype(np.int8),
+                    meas_truth_id=h["truth"][mrows],
+                    event_id=event_id,
+                )
+            )
+        return out
+
     def reconstruct_batch(self, events: list[Cells]) -> list[tuple[Tracks, dict[str, float]]]:
         """Reconstruct several events in one pass; per event its tracks and the batch's stage times [s]."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.run_front(events, timings)
+        front = self.run_front(events, timings)
+        tracks = self.run_back(front, timings)
         self._sync()
         timings["total"] = time.perf_counter() - t0
-        return [(Tracks.empty(e.event_id), dict(timings)) for e in events]
+        return [(t, dict(timings)) for t in tracks]
+
+
+def _subset_csr(xp: ModuleType, offsets, rows):
+    """CSR offsets of the selected rows and the item indices they cover."""
+    length = (offsets[1:] - offsets[:-1])[rows]
+    new = xp.zeros(rows.shape[0] + 1, dtype=xp.int64)
+    new[1:] = xp.cumsum(length)
+    _, items = expand_ranges(xp, offsets[:-1][rows], length)
+    return new, items

@@ -28,6 +28,7 @@ class Measurements:
         var0, var1: weighted variance + pitch^2/12 [mm^2] (float64).
         dimension: measured local axes, 1 (strip) or 2 (pixel) (int8).
         n_cells: cluster size (int32).
+        extent0, extent1: cluster length in channels along loc0 / loc1 (int32).
         truth_id: truth measurement id carried by the cluster's cells (majority by cell count;
             int64, -1 when the cells carry none).
     """
@@ -40,11 +41,26 @@ class Measurements:
     var1: Array
     dimension: Array
     n_cells: Array
+    extent0: Array
+    extent1: Array
     truth_id: Array
 
     def __post_init__(self) -> None:
         _check(
-            self, ("module", "event", "local0", "local1", "var0", "var1", "dimension", "n_cells", "truth_id")
+            self,
+            (
+                "module",
+                "event",
+                "local0",
+                "local1",
+                "var0",
+                "var1",
+                "dimension",
+                "n_cells",
+                "extent0",
+                "extent1",
+                "truth_id",
+            ),
         )
 
     @property

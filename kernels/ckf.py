@@ -1,0 +1,510 @@
+"""Combinatorial Kalman filter (track finding), batched over all candidates of a batch of events.
+
+Every seed starts as one candidate: its estimated parameters are filtered through the seed's own
+three measurements (bottom, middle, top). Then, one step for all active candidates at once:
+
+1. navigation finds the next layer each candidate reaches (:func:`kernels.navigation.next_layer`)
+   and the modules around the crossing;
+2. the candidate is transported to each module plane (helix, finite-difference Jacobian); modules
+   whose bounds the prediction lies in (with a tolerance) are searched;
+3. every measurement on those modules gets a chi^2 against the prediction; the best
+   ``max_branches_per_surface`` under ``chi2_max`` become children (Kalman update), each linked to
+   its parent (parent node, measurement), as traccc does;
+4. a candidate without a compatible measurement continues on its prediction: a hole if it crossed
+   a module inside its bounds, nothing if it passed through a gap;
+5. material: each module crossing adds multiple scattering (:mod:`kernels.kalman`).
+
+Candidates stop when they leave the detector, exceed ``max_holes``, or after ``max_steps`` layers;
+each seed keeps at most ``max_branches_per_seed`` live candidates (most measurements, then lowest
+chi^2). After a measurement is added, the other modules of the same layer ahead of it are searched too
+(without branching): tracks crossing the overlap of two modules collect both hits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import numpy as np
+
+from kernels.detector import Detector
+from kernels.edm.measurements import Measurements, Spacepoints
+from kernels.edm.seeds import BoundParameters, Seeds
+from kernels.errors import ConfigError
+from kernels.kalman import add_scattering, chi2_only, update
+from kernels.navigation import NavigationGrid, modules_near, next_layer
+from kernels.propagation import bound_to_global, helix_at, intersect_plane, transport, turn_rate
+from kernels.segments import expand_ranges, rank_in_segment
+from kernels.xp import Array, asarray
+
+# x/X0 crossed per layer in the ACTS generic detector, by volume (measured from the simulation's
+# scattering between consecutive hits): pixels, short strips, long strips
+GENERIC_MATERIAL = {7: 0.012, 8: 0.04, 9: 0.012, 12: 0.03, 13: 0.04, 14: 0.03, 16: 0.04, 17: 0.03, 18: 0.04}
+
+
+@dataclass(frozen=True)
+class FindingConfig:
+    """Track-finding configuration.
+
+    Attributes:
+        chi2_max: largest chi^2 of a measurement added to a candidate (15).
+        max_branches_per_surface: children per candidate and layer (2).
+        max_branches_per_seed: live candidates per seed (4).
+        max_holes: holes allowed before a candidate stops (2).
+        max_steps: layers followed at most (40).
+        min_measurements: shortest candidate kept as a track candidate (7).
+        bounds_tolerance_mm: a prediction this far outside a module still searches it [mm] (0.5).
+        layer_tolerance_mm: a crossing this far outside a layer's extent still visits it [mm] (10).
+        material_x0_by_volume: x/X0 per layer crossing, by volume id (generic detector values).
+        material_x0_default: x/X0 for volumes not listed (0.03).
+    """
+
+    chi2_max: float = 15.0
+    max_branches_per_surface: int = 2
+    max_branches_per_seed: int = 4
+    max_holes: int = 2
+    max_steps: int = 40
+    min_measurements: int = 7
+    bounds_tolerance_mm: float = 0.5
+    layer_tolerance_mm: float = 10.0
+    material_x0_by_volume: dict[int, float] = field(default_factory=lambda: dict(GENERIC_MATERIAL))
+    material_x0_default: float = 0.03
+
+    def __post_init__(self) -> None:
+        if self.chi2_max <= 0 or self.max_branches_per_surface < 1 or self.max_branches_per_seed < 1:
+            raise ConfigError("FindingConfig: chi2_max > 0 and at least one branch per surface and seed")
+        if self.max_holes < 0 or self.max_steps < 1 or self.min_measurements < 3:
+            raise ConfigError("FindingConfig: max_holes >= 0, max_steps >= 1, min_measurements >= 3")
+
+
+@dataclass(frozen=True)
+class FindingGeometry:
+    """What finding needs of the detector, prepared once: navigation grid and material per module."""
+
+    nav: NavigationGrid
+    material: Array  # x/X0 per module crossing (float64 [M])
+    half_u: Array  # local half-widths for the bounds check (float64 [M, 3]: u at v=-hv, u at v=+hv, hv)
+
+
+def finding_geometry(
+    xp: ModuleType, det: Detector, nav: NavigationGrid, cfg: FindingConfig
+) -> FindingGeometry:
+    vol = np.asarray(det.volume_id)
+    mat = np.array([cfg.material_x0_by_volume.get(int(v), cfg.material_x0_default) for v in vol])
+    b = np.asarray(det.bounds)
+    rect = np.asarray(det.bounds_type) == 6
+    hx_lo = np.where(rect, np.maximum(-b[:, 0], b[:, 2]), b[:, 0])
+    hx_hi = np.where(rect, np.maximum(-b[:, 0], b[:, 2]), b[:, 1])
+    hy = np.where(rect, np.maximum(-b[:, 1], b[:, 3]), b[:, 2])
+    return FindingGeometry(
+        nav=nav.to(xp), material=asarray(xp, mat), half_u=asarray(xp, np.stack([hx_lo, hx_hi, hy], axis=1))
+    )
+
+
+def inside_bounds(
+    xp: ModuleType, geo: FindingGeometry, module: Array, l0: Array, l1: Array, tol: float
+) -> Array:
+    """Local point inside the (rectangle or trapezoid) bounds, widened by ``tol`` [mm]."""
+    hu = geo.half_u[module]
+    hv = hu[:, 2]
+    frac = xp.clip((l1 + hv) / xp.maximum(2 * hv, 1e-9), 0.0, 1.0)
+    half_x = hu[:, 0] + (hu[:, 1] - hu[:, 0]) * frac
+    return (xp.abs(l0) <= half_x + tol) & (xp.abs(l1) <= hv + tol)
+
+
+@dataclass(frozen=True)
+class TrackCandidates:
+    """Found track candidates: measurement indices per candidate, inside out.
+
+    Attributes:
+        offsets: candidate ``i`` owns ``measurements[offsets[i]:offsets[i+1]]`` (int64 [C+1]).
+        measurements: indices into :class:`Measurements` (int64).
+        seed: seed index of each candidate (int64 [C]); event: event index (int32 [C]).
+        chi2: sum of the filtered chi^2 (float64 [C]); n_holes (int32 [C]).
+        params, cov, module: the last filtered state (bound to ``module``).
+    """
+
+    offsets: Array
+    measurements: Array
+    seed: Array
+    event: Array
+    chi2: Array
+    n_holes: Array
+    params: Array
+    cov: Array
+    module: Array
+
+    @property
+    def size(self) -> int:
+        return int(self.seed.shape[0])
+
+    @property
+    def n_measurements(self) -> Array:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+class _Nodes:
+    """Append-only link table: (parent node, measurement) per filtered state."""
+
+    def __init__(self, xp: ModuleType) -> None:
+        self.xp = xp
+        self.parent: list[Array] = []
+        self.meas: list[Array] = []
+        self.count = 0
+
+    def add(self, parent: Array, meas: Array) -> Array:
+        n = parent.shape[0]
+        ids = self.xp.arange(self.count, self.count + n, dtype=self.xp.int64)
+        self.parent.append(parent.astype(self.xp.int64))
+        self.meas.append(meas.astype(self.xp.int64))
+        self.count += n
+        return ids
+
+    def arrays(self) -> tuple[Array, Array]:
+        xp = self.xp
+        if not self.parent:
+            return xp.zeros(0, dtype=xp.int64), xp.zeros(0, dtype=xp.int64)
+        return xp.concatenate(self.parent), xp.concatenate(self.meas)
+
+
+def _meas_ranges(xp: ModuleType, meas: Measurements, n_modules: int) -> Array:
+    """Sorted (event, module) key of each measurement."""
+    return meas.event.astype(xp.int64) * n_modules + meas.module.astype(xp.int64)
+
+
+def _cos_incidence(xp: ModuleType, det: Detector, module: Array, phi: Array, theta: Array) -> Array:
+    rot = det.rotation[module]
+    st = xp.sin(theta)
+    return rot[:, 0, 2] * st * xp.cos(phi) + rot[:, 1, 2] * st * xp.sin(phi) + rot[:, 2, 2] * xp.cos(theta)
+
+
+def find_tracks(
+    xp: ModuleType,
+    det: Detector,
+    geo: FindingGeometry,
+    meas: Measurements,
+    sp: Spacepoints,
+    seeds: Seeds,
+    params: BoundParameters,
+    variances: tuple[Array, Array],
+    cfg: FindingConfig,
+) -> TrackCandidates:
+    """Track candidates of all seeds (see the module docstring).
+
+    Args:
+        variances: measurement variances (loc0, loc1) for the filter (:mod:`kernels.measurement_errors`).
+    """
+    bfield = det.bfield_t
+    n_mod = det.n_modules
+    mkey = _meas_ranges(xp, meas, n_mod)
+    mv0, mv1 = variances
+    nodes = _Nodes(xp)
+
+    # --- start: filter the seed's own measurements -------------------------------------------------
+    seed_meas = [sp.measurement[seeds.bottom], sp.measurement[seeds.middle], sp.measurement[seeds.top]]
+    p, c = params.params, params.cov
+    module = params.module
+    chi2 = xp.zeros(seeds.size, dtype=xp.float64)
+    alive = xp.ones(seeds.size, dtype=bool)
+    node = xp.full(seeds.size, -1, dtype=xp.int64)
+    for k, mi in enumerate(seed_meas):
+        if k > 0:
+            target = meas.module[mi]
+            _, _, _, phi_, th_, _ = bound_to_global(xp, det, module, p)
+            c = add_scattering(xp, p, c, geo.material[module], _cos_incidence(xp, det, module, phi_, th_))
+            p, c, s, _ = transport(xp, det, module, target, p, c, bfield)
+            alive &= ~xp.isnan(s)
+            p = xp.where(alive[:, None], p, params.params)
+            c = xp.where(alive[:, None, None], c, params.cov)
+            module = target
+        p, c, dchi2 = update(xp, p, c, meas.local0[mi], meas.local1[mi], mv0[mi], mv1[mi], meas.dimension[mi])
+        if k > 0:  # the bottom measurement only fixes loc0/loc1, which the seed took from it
+            chi2 += dchi2
+        node = nodes.add(node, mi)
+    keep = xp.nonzero(alive)[0]
+    state = {
+        "params": p[keep],
+        "cov": c[keep],
+        "module": module[keep],
+        "event": seeds.event[keep].astype(xp.int32),
+        "seed": keep.astype(xp.int64),
+        "node": node[keep],
+        "n_meas": xp.full(keep.shape[0], 3, dtype=xp.int64),
+        "holes": xp.zeros(keep.shape[0], dtype=xp.int64),
+        "chi2": chi2[keep],
+        "s_done": xp.zeros(keep.shape[0], dtype=xp.float64),
+    }
+    finished: list[dict[str, Array]] = []
+    ctx = _Context(xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield)
+
+    for _ in range(cfg.max_steps):
+        if state["params"].shape[0] == 0:
+            break
+        st = state
+        x, y, z, phi, theta, qop = bound_to_global(xp, det, st["module"], st["params"])
+        # scattering in the module the candidate sits on, before leaving it
+        cov = add_scattering(
+            xp,
+            st["params"],
+            st["cov"],
+            geo.material[st["module"]],
+            _cos_incidence(xp, det, st["module"], phi, theta),
+        )
+        h = turn_rate(qop, bfield)
+        layer, s_layer = next_layer(
+            xp,
+            geo.nav,
+            x,
+            y,
+            z,
+            phi,
+            theta,
+            h,
+            det.layer_index[st["module"]].astype(xp.int64),
+            st["s_done"],
+            cfg.layer_tolerance_mm,
+        )
+        leaving = layer < 0
+        if bool(leaving.any()):
+            finished.append({k: v[leaving] for k, v in st.items()})
+        go = xp.nonzero(~leaving)[0]
+        st = {k: v[go] for k, v in st.items()}
+        cov = cov[go]
+        x, y, z, phi, theta, h, layer, s_layer = (a[go] for a in (x, y, z, phi, theta, h, layer, s_layer))
+        lx, ly, lz, _ = helix_at(xp, x, y, z, phi, theta, h, s_layer)
+        found = ctx.search(st, cov, layer, lx, ly, lz, x, y, z, phi, theta, h, exclude_module=None)
+        cand, pair, mi, chi = found.cand, found.pair, found.meas, found.chi2
+        order = xp.lexsort(xp.stack([chi, cand.astype(xp.float64)]))
+        cand, pair, mi, chi = cand[order], pair[order], mi[order], chi[order]
+        take = rank_in_segment(xp, cand) < cfg.max_branches_per_surface
+        cand, pair, mi, chi = cand[take], pair[take], mi[take], chi[take]
+        up_p, up_c, up_chi = update(
+            xp,
+            found.pred_params[pair],
+            found.pred_cov[pair],
+            meas.local0[mi],
+            meas.local1[mi],
+            mv0[mi],
+            mv1[mi],
+            meas.dimension[mi],
+        )
+        children = {
+            "params": up_p,
+            "cov": up_c,
+            "module": found.module[pair],
+            "event": st["event"][cand],
+            "seed": st["seed"][cand],
+            "node": nodes.add(st["node"][cand], mi),
+            "n_meas": st["n_meas"][cand] + 1,
+            "holes": st["holes"][cand],
+            "chi2": st["chi2"][cand] + up_chi,
+            "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
+        }
+        children = ctx.overlap(children, layer[cand], nodes)
+        # candidates without a compatible measurement continue on their prediction at the nearest
+        # module crossed (a hole when inside its bounds), or stay put past a gap in the layer
+        n = go.shape[0]
+        has = xp.zeros(n, dtype=bool)
+        has[cand] = True
+        lost = xp.nonzero(~has)[0]
+        pr = found.nearest[lost]
+        moved = pr >= 0
+        pr0 = xp.maximum(pr, 0)
+        holes = st["holes"][lost] + found.crossed[lost].astype(xp.int64)
+        if found.pred_params.shape[0]:
+            lone_params = xp.where(moved[:, None], found.pred_params[pr0], st["params"][lost])
+            lone_cov = xp.where(moved[:, None, None], found.pred_cov[pr0], cov[lost])
+            lone_module = xp.where(moved, found.module[pr0], st["module"][lost])
+        else:
+            lone_params, lone_cov, lone_module = st["params"][lost], cov[lost], st["module"][lost]
+        lone = {
+            "params": lone_params,
+            "cov": lone_cov,
+            "module": lone_module,
+            "event": st["event"][lost],
+            "seed": st["seed"][lost],
+            "node": st["node"][lost],
+            "n_meas": st["n_meas"][lost],
+            "holes": holes,
+            "chi2": st["chi2"][lost],
+            "s_done": xp.where(moved, 0.0, s_layer[lost]),
+        }
+        too_many = holes > cfg.max_holes
+        if bool(too_many.any()):
+            finished.append({k: v[too_many] for k, v in lone.items()})
+        lone = {k: v[~too_many] for k, v in lone.items()}
+        state = {k: xp.concatenate([children[k], lone[k]]) for k in children}
+        # at most max_branches_per_seed live candidates per seed: most measurements, then lowest chi^2
+        if state["seed"].shape[0]:
+            order = xp.lexsort(
+                xp.stack(
+                    [state["chi2"], -state["n_meas"].astype(xp.float64), state["seed"].astype(xp.float64)]
+                )
+            )
+            keep = order[rank_in_segment(xp, state["seed"][order]) < cfg.max_branches_per_seed]
+            state = {k: v[keep] for k, v in state.items()}
+    if state["params"].shape[0]:
+        finished.append(state)
+    return _collect(xp, nodes, finished, cfg)
+
+
+@dataclass
+class _Found:
+    """Result of a measurement search on one layer for a set of candidates."""
+
+    cand: Array  # candidate row per compatible (candidate, measurement)
+    pair: Array  # row into pred_* per compatible measurement
+    meas: Array  # measurement index
+    chi2: Array
+    pred_params: Array  # predicted states on the searched modules
+    pred_cov: Array
+    module: Array  # module of each prediction
+    crossed: Array  # per candidate: crossed a module inside its bounds
+    nearest: Array  # per candidate: row of its nearest prediction, -1 if none
+
+
+class _Context:
+    """The per-call constants of a finding run, and the layer search shared by both phases."""
+
+    def __init__(self, xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield) -> None:
+        self.xp, self.det, self.geo, self.meas, self.mkey = xp, det, geo, meas, mkey
+        self.mv0, self.mv1, self.cfg, self.bfield = mv0, mv1, cfg, bfield
+
+    def search(self, st, cov, layer, lx, ly, lz, x, y, z, phi, theta, h, exclude_module) -> _Found:
+        """Transport candidates to the modules of ``layer`` around (lx, ly, lz) and test their measurements."""
+        xp, det, geo, meas, cfg = self.xp, self.det, self.geo, self.meas, self.cfg
+        n = layer.shape[0]
+        owner, mod = modules_near(xp, geo.nav, layer, lx, ly, lz)
+        if exclude_module is not None:
+            other = mod != exclude_module[owner]
+            owner, mod = owner[other], mod[other]
+        s_m, l0, l1, _, _, _, _ = intersect_plane(
+            xp, det, mod, x[owner], y[owner], z[owner], phi[owner], theta[owner], h[owner]
+        )
+        valid = ~xp.isnan(s_m) & (s_m > 0)
+        in_strict = valid & inside_bounds(xp, geo, mod, l0, l1, 0.0)
+        in_search = valid & inside_bounds(xp, geo, mod, l0, l1, cfg.bounds_tolerance_mm)
+        crossed = xp.zeros(n, dtype=bool)
+        crossed[owner[in_strict]] = True
+        sel = xp.nonzero(in_search)[0]
+        o_sel, mod_sel = owner[sel], mod[sel]
+        pp, pc, s_t, _ = transport(
+            xp, det, st["module"][o_sel], mod_sel, st["params"][o_sel], cov[o_sel], self.bfield
+        )
+        ok_t = ~xp.isnan(s_t)
+        nearest = xp.full(n, -1, dtype=xp.int64)
+        okr = xp.nonzero(ok_t)[0]
+        if okr.shape[0]:
+            o2 = o_sel[okr]
+            srt = xp.lexsort(xp.stack([s_t[okr], o2.astype(xp.float64)]))
+            first = rank_in_segment(xp, o2[srt]) == 0
+            nearest[o2[srt][first]] = okr[srt][first]
+        key = st["event"][o_sel].astype(xp.int64) * det.n_modules + mod_sel.astype(xp.int64)
+        lo = xp.searchsorted(self.mkey, key, side="left")
+        hi = xp.where(ok_t, xp.searchsorted(self.mkey, key, side="right"), lo)
+        pair, mi = expand_ranges(xp, lo, hi - lo)
+        chi = chi2_only(
+            xp,
+            pp[pair],
+            pc[pair],
+            meas.local0[mi],
+            meas.local1[mi],
+            self.mv0[mi],
+            self.mv1[mi],
+            meas.dimension[mi],
+        )
+        good = chi < cfg.chi2_max
+        pair, mi, chi = pair[good], mi[good], chi[good]
+        return _Found(o_sel[pair], pair, mi, chi, pp, pc, mod_sel, crossed, nearest)
+
+    def overlap(self, children: dict[str, Array], layer: Array, nodes: _Nodes) -> dict[str, Array]:
+        """A second measurement on another module of the same layer (module overlaps), ahead of the first."""
+        xp, det, meas = self.xp, self.det, self.meas
+        if children["params"].shape[0] == 0:
+            return children
+        x, y, z, phi, theta, qop = bound_to_global(xp, det, children["module"], children["params"])
+        cov = add_scattering(
+            xp,
+            children["params"],
+            children["cov"],
+            self.geo.material[children["module"]],
+            _cos_incidence(xp, det, children["module"], phi, theta),
+        )
+        h = turn_rate(qop, self.bfield)
+        found = self.search(children, cov, layer, x, y, z, x, y, z, phi, theta, h, children["module"])
+        cand, pair, mi, chi = found.cand, found.pair, found.meas, found.chi2
+        order = xp.lexsort(xp.stack([chi, cand.astype(xp.float64)]))
+        best = order[rank_in_segment(xp, cand[order]) == 0]
+        cand, pair, mi = cand[best], pair[best], mi[best]
+        if cand.shape[0] == 0:
+            return children
+        up_p, up_c, up_chi = update(
+            xp,
+            found.pred_params[pair],
+            found.pred_cov[pair],
+            meas.local0[mi],
+            meas.local1[mi],
+            self.mv0[mi],
+            self.mv1[mi],
+            meas.dimension[mi],
+        )
+        out = {k: v.copy() for k, v in children.items()}
+        out["params"][cand] = up_p
+        out["cov"][cand] = up_c
+        out["module"][cand] = found.module[pair]
+        out["node"][cand] = nodes.add(children["node"][cand], mi)
+        out["n_meas"][cand] += 1
+        out["chi2"][cand] += up_chi
+        return out
+
+
+def _collect(
+    xp: ModuleType, nodes: _Nodes, finished: list[dict[str, Array]], cfg: FindingConfig
+) -> TrackCandidates:
+    if finished:
+        fin = {k: xp.concatenate([f[k] for f in finished]) for k in finished[0]}
+    else:
+        fin = None
+    if fin is None or fin["n_meas"].shape[0] == 0:
+        z = xp.zeros(0, dtype=xp.int64)
+        return TrackCandidates(
+            xp.zeros(1, dtype=xp.int64),
+            z,
+            z,
+            z.astype(xp.int32),
+            z.astype(xp.float64),
+            z.astype(xp.int32),
+            xp.zeros((0, 5)),
+            xp.zeros((0, 5, 5)),
+            z.astype(xp.int32),
+        )
+    keep = xp.nonzero(fin["n_meas"] >= cfg.min_measurements)[0]
+    fin = {k: v[keep] for k, v in fin.items()}
+    parent, node_meas = nodes.arrays()
+    length = fin["n_meas"]
+    offsets = xp.zeros(length.shape[0] + 1, dtype=xp.int64)
+    offsets[1:] = xp.cumsum(length)
+    total = int(offsets[-1])
+    out = xp.zeros(total, dtype=xp.int64)
+    cur = fin["node"].copy()
+    pos = offsets[1:] - 1
+    # walk the links back from the last state; lengths are bounded by 3 + max_steps
+    for _ in range(3 + cfg.max_steps):
+        live = cur >= 0
+        if not bool(live.any()):
+            break
+        idx = xp.nonzero(live)[0]
+        out[pos[idx]] = node_meas[cur[idx]]
+        pos = pos - 1
+        cur = xp.where(live, parent[xp.maximum(cur, 0)], -1)
+    return TrackCandidates(
+        offsets=offsets,
+        measurements=out,
+        seed=fin["seed"],
+        event=fin["event"],
+        chi2=fin["chi2"],
+        n_holes=fin["holes"].astype(xp.int32),
+        params=fin["params"],
+        cov=fin["cov"],
+        module=fin["module"],
+    )

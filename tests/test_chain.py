@@ -1,0 +1,97 @@
+"""The whole chain on the bundled events: physics against truth, numpy and CuPy agreement, and the
+reconstruct/validate commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kernels.pipeline import Chain, ChainConfig
+from kernels.xp import to_numpy
+from producer.cli import main
+from producer.io.events import discover, load_cells
+
+
+@pytest.fixture(scope="module")
+def reco_dir(tmp_path_factory, bundled):
+    out = tmp_path_factory.mktemp("reco")
+    assert main(["reconstruct", "--input", str(bundled), "--output", str(out), "--events", "2"]) == 0
+    return out
+
+
+def test_reconstruct_then_validate(reco_dir, bundled, capsys):
+    capsys.readouterr()
+    assert (
+        main(["validate", "--input", str(bundled), "--tracks", str(reco_dir), "--events", "2", "--json"]) == 0
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert r["n_events"] == 2 and r["n_tracks"] > 300
+    assert r["efficiency"] >= 0.98
+    assert r["fake_rate"] <= 0.02
+    assert r["duplicate_rate"] <= 0.02
+    timing = json.loads((reco_dir / "timing.json").read_text())
+    assert set(timing["stages"]) >= {"clusterization", "seeding", "finding", "fitting", "total"}
+
+
+def test_seeding_stage_only(tmp_path, bundled, capsys):
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--input",
+                str(bundled),
+                "--output",
+                str(tmp_path),
+                "--events",
+                "1",
+                "--stages",
+                "seeding",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(["validate", "--input", str(bundled), "--tracks", str(tmp_path), "--events", "1", "--json"]) == 0
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert r["seeding_efficiency"] >= 0.99
+    assert r["n_seeds"] > 0 and r["efficiency"] is None
+
+
+def test_batch_equals_single_events(bundled, detector):
+    events = [load_cells(s, detector) for s in discover(bundled)[:2]]
+    chain = Chain(np, detector, ChainConfig())
+    batch = chain.reconstruct_batch(events)
+    for e, (tracks, _) in zip(events, batch, strict=True):
+        single, _ = chain.reconstruct(e)
+        assert tracks.event_id == e.event_id
+        np.testing.assert_allclose(tracks.params, single.params, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(tracks.meas_truth_id, single.meas_truth_id)
+
+
+@pytest.mark.gpu
+def test_cupy_matches_numpy(xp, bundled, detector):
+    if xp is np:
+        pytest.skip("compares CuPy against numpy")
+    event = load_cells(discover(bundled)[0], detector)
+    ref = Chain(np, detector, ChainConfig()).run_front([event], {})
+    got = Chain(xp, detector, ChainConfig()).run_front([event], {})
+    for name in ("module", "local0", "local1", "var0", "var1", "truth_id"):
+        np.testing.assert_allclose(
+            to_numpy(getattr(got.measurements, name)), getattr(ref.measurements, name), rtol=1e-12, atol=1e-12
+        )
+
+    def triplets(front):
+        s = front.seeds
+        return {
+            tuple(v) for v in np.stack([to_numpy(s.bottom), to_numpy(s.middle), to_numpy(s.top)], 1).tolist()
+        }
+
+    a, b = triplets(ref), triplets(got)
+    assert len(a ^ b) <= 0.001 * len(a)  # the same seeds up to float rounding at cut edges
+    t_ref, _ = Chain(np, detector, ChainConfig()).reconstruct(event)
+    t_gpu, _ = Chain(xp, detector, ChainConfig()).reconstruct(event)
+    assert abs(t_ref.size - t_gpu.size) <= 0.01 * t_ref.size
