@@ -16,7 +16,7 @@ from types import ModuleType
 
 from kernels.errors import ConfigError
 from kernels.segments import segment_sum
-from kernels.xp import Array
+from kernels.xp import Array, repeat_index, scatter_min
 
 UNDECIDED, KEPT, REMOVED = 0, 1, 2
 
@@ -57,7 +57,7 @@ def resolve(
     if n == 0:
         return xp.zeros(0, dtype=bool)
     length = offsets[1:] - offsets[:-1]
-    owner = xp.repeat(xp.arange(n, dtype=xp.int64), length)
+    owner = repeat_index(xp, length)
     # rank: 0 is best
     quality_order = xp.lexsort(xp.stack([chi2 / xp.maximum(length, 1), -length.astype(xp.float64)]))
     rank = xp.empty(n, dtype=xp.int64)
@@ -72,9 +72,9 @@ def resolve(
         st_row = status[owner]
         # best rank of a kept / of a still-undecided candidate on each measurement
         best_kept = xp.full(n_measurements_total, big, dtype=xp.int64)
-        xp.minimum.at(best_kept, measurements, xp.where(st_row == KEPT, r_row, big))
+        scatter_min(xp, best_kept, measurements, xp.where(st_row == KEPT, r_row, big))
         best_und = xp.full(n_measurements_total, big, dtype=xp.int64)
-        xp.minimum.at(best_und, measurements, xp.where(st_row == UNDECIDED, r_row, big))
+        scatter_min(xp, best_und, measurements, xp.where(st_row == UNDECIDED, r_row, big))
         taken = (best_kept[measurements] < r_row).astype(xp.int64)
         pending = (best_und[measurements] < r_row).astype(xp.int64)
         n_taken = segment_sum(xp, owner, taken, n)

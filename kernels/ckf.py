@@ -31,7 +31,7 @@ from kernels.detector import Detector
 from kernels.edm.measurements import Measurements, Spacepoints
 from kernels.edm.seeds import BoundParameters, Seeds
 from kernels.errors import ConfigError
-from kernels.kalman import add_scattering, chi2_only, update
+from kernels.kalman import add_scattering, chi2_gather, update
 from kernels.navigation import NavigationGrid, modules_near, next_layer
 from kernels.propagation import bound_to_global, helix_at, intersect_plane, transport, turn_rate
 from kernels.segments import expand_ranges, rank_in_segment
@@ -403,16 +403,7 @@ class _Context:
         lo = xp.searchsorted(self.mkey, key, side="left")
         hi = xp.where(ok_t, xp.searchsorted(self.mkey, key, side="right"), lo)
         pair, mi = expand_ranges(xp, lo, hi - lo)
-        chi = chi2_only(
-            xp,
-            pp[pair],
-            pc[pair],
-            meas.local0[mi],
-            meas.local1[mi],
-            self.mv0[mi],
-            self.mv1[mi],
-            meas.dimension[mi],
-        )
+        chi = chi2_gather(xp, pp, pc, pair, meas.local0, meas.local1, self.mv0, self.mv1, meas.dimension, mi)
         good = chi < cfg.chi2_max
         pair, mi, chi = pair[good], mi[good], chi[good]
         return _Found(o_sel[pair], pair, mi, chi, pp, pc, mod_sel, crossed, nearest)

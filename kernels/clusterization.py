@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from kernels.errors import ConfigError
-from kernels.xp import Array
+from kernels.xp import Array, scatter_min
 
 CHANNEL_BITS = 20  # channels must be < 2**20 per axis
 _CH_LIMIT = 1 << CHANNEL_BITS
@@ -63,22 +63,24 @@ def neighbour_edges(xp: ModuleType, keys: Array, channel0: Array, channel1: Arra
 
 
 def connected_components(xp: ModuleType, n: int, src: Array, dst: Array, max_iterations: int = 64) -> Array:
-    """Label of each vertex = smallest vertex index of its component (int64).
+    """Label of each vertex = smallest vertex index of its component (int32: 32-bit atomics are
+    native on GPUs, 64-bit minimum is not everywhere).
 
     Raises:
         RuntimeError: no convergence within ``max_iterations`` (cannot happen for valid input).
     """
-    label = xp.arange(n, dtype=xp.int64)
+    label = xp.arange(n, dtype=xp.int32)
+    src, dst = src.astype(xp.int32), dst.astype(xp.int32)
     if src.shape[0] == 0:
         return label
     for _ in range(max_iterations):
         ls, ld = label[src], label[dst]
         new = label.copy()
         # hook each endpoint and each endpoint's root onto the smaller label
-        xp.minimum.at(new, src, ld)
-        xp.minimum.at(new, dst, ls)
-        xp.minimum.at(new, ls, ld)
-        xp.minimum.at(new, ld, ls)
+        scatter_min(xp, new, src, ld)
+        scatter_min(xp, new, dst, ls)
+        scatter_min(xp, new, ls, ld)
+        scatter_min(xp, new, ld, ls)
         # pointer jumping: follow labels to their roots
         for _ in range(4):
             new = new[new]
@@ -106,6 +108,6 @@ def clusterize(
     keys = cell_keys(xp, module_key, channel0, channel1)
     src, dst = neighbour_edges(xp, keys, channel0, channel1)
     label = connected_components(xp, n, src, dst, config.max_iterations)
-    is_root = label == xp.arange(n, dtype=xp.int64)
+    is_root = label == xp.arange(n, dtype=xp.int32)
     rank = xp.cumsum(is_root) - 1
     return rank[label], int(rank[-1]) + 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from kernels import fused
 from kernels.xp import Array
 
 
@@ -34,6 +35,8 @@ def update(
         params, cov: predicted states [n, 5], [n, 5, 5].
         m0, m1: measured loc0, loc1 [mm]; v0, v1: their variances [mm^2]; dim: 1 or 2 per row.
     """
+    if fused.enabled(xp):
+        return fused.kalman_update(xp, params, cov, m0, m1, v0, v1, dim)
     two = (dim == 2).astype(xp.float64)
     r0 = m0 - params[:, 0]
     r1 = (m1 - params[:, 1]) * two
@@ -69,6 +72,25 @@ def chi2_only(
     s01 = cov[:, 0, 1] * two
     det = s00 * s11 - s01 * s01
     return (r0 * r0 * s11 - 2.0 * r0 * r1 * s01 + r1 * r1 * s00) / det
+
+
+def chi2_gather(
+    xp: ModuleType,
+    params: Array,
+    cov: Array,
+    row: Array,
+    m0: Array,
+    m1: Array,
+    v0: Array,
+    v1: Array,
+    dim: Array,
+    meas: Array,
+) -> Array:
+    """chi^2 of measurements ``meas`` (indices into the measurement columns) against the states
+    ``params[row]``, ``cov[row]``, without materializing the gathered covariances on the GPU."""
+    if fused.enabled(xp):
+        return fused.chi2_gather(xp, params, cov, row, m0, m1, v0, v1, dim, meas)
+    return chi2_only(xp, params[row], cov[row], m0[meas], m1[meas], v0[meas], v1[meas], dim[meas])
 
 
 def highland(x_over_x0: Array, momentum_gev: Array, xp: ModuleType) -> Array:

@@ -12,12 +12,12 @@ from types import ModuleType
 
 from kernels.detector import Detector, cell_to_local
 from kernels.edm.measurements import Measurements
-from kernels.xp import Array
+from kernels.xp import Array, scatter_add, scatter_max, scatter_min
 
 
 def _segment_sum(xp: ModuleType, seg: Array, values: Array, n: int) -> Array:
     out = xp.zeros(n, dtype=values.dtype)
-    xp.add.at(out, seg, values)
+    scatter_add(xp, out, seg, values)
     return out
 
 
@@ -73,8 +73,8 @@ def create_measurements(
     for ch in (channel0, channel1):
         hi = xp.full(n_clusters, -1, dtype=xp.int32)
         lo = xp.full(n_clusters, 2**30, dtype=xp.int32)
-        xp.maximum.at(hi, cluster, ch.astype(xp.int32))
-        xp.minimum.at(lo, cluster, ch.astype(xp.int32))
+        scatter_max(xp, hi, cluster, ch.astype(xp.int32))
+        scatter_min(xp, lo, cluster, ch.astype(xp.int32))
         extents.append(hi - lo + 1)
     # every cluster's first cell gives its module and event (clusters are numbered by first cell)
     first = xp.zeros(n_clusters, dtype=xp.int64)

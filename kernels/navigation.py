@@ -16,6 +16,7 @@ from types import ModuleType
 
 import numpy as np
 
+from kernels import fused
 from kernels.detector import LAYER_DISC, Detector
 from kernels.propagation import NEWTON_STEPS, helix_at
 from kernels.segments import expand_ranges
@@ -178,6 +179,8 @@ def next_layer(
     Returns:
         (layer index, -1 when the track leaves the detector (int64); path length s [mm]).
     """
+    if fused.enabled(xp):
+        return fused.next_layer(xp, nav, x, y, z, phi, theta, h, exclude, s_min, tolerance_mm, NEWTON_STEPS)
     n = x.shape[0]
     st, ct = xp.sin(theta)[:, None], xp.cos(theta)[:, None]
     x_, y_, z_, phi_, h_ = x[:, None], y[:, None], z[:, None], phi[:, None], h[:, None]
@@ -202,7 +205,7 @@ def next_layer(
     u = xp.where(nav.is_disc[None, :], xp.hypot(px, py), pz)
     on_layer = (u >= nav.lo[None, :] - tolerance_mm) & (u <= nav.hi[None, :] + tolerance_mm)
     r_check = xp.abs(xp.hypot(px, py) - pos) < 1.0  # Newton converged onto the cylinder
-    ok = on_layer & (s > s_min[:, None] + 1e-3) & xp.where(nav.is_disc[None, :], True, reachable & r_check)
+    ok = on_layer & (s > s_min[:, None] + 1e-3) & (nav.is_disc[None, :] | (reachable & r_check))
     # a curling track cannot go further than half a turn: beyond that it comes back inwards
     ok &= xp.abs(h_ * s) < math.pi
     layer_ids = xp.arange(nav.n_layers)[None, :]

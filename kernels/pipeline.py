@@ -32,7 +32,7 @@ from kernels.seeding import SeedingConfig, find_seeds, seeding_geometry
 from kernels.segments import expand_ranges
 from kernels.spacepoint_formation import form_spacepoints
 from kernels.track_params import TrackParamsConfig, estimate_parameters
-from kernels.xp import backend_name, to_numpy
+from kernels.xp import backend_name, repeat_index, to_numpy
 
 FRONT_STAGES = ("clusterization", "measurements", "spacepoints", "seeding", "track_params")
 BACK_STAGES = ("finding", "ambiguity", "fitting")
@@ -113,7 +113,7 @@ class Chain:
         )
         g, c0, c1, act = cat("geometry_id"), cat("channel0"), cat("channel1"), cat("activation")
         truth = cat("measurement_id") if all(c.has_truth for c in cells) else None
-        event = xp.repeat(xp.arange(len(cells), dtype=xp.int32), xp.asarray(np.array(counts, np.int64)))
+        event = repeat_index(xp, xp.asarray(np.array(counts, np.int64))).astype(xp.int32)
         module = det.module_index(xp, g)
         if g.shape[0]:
             bad = module < 0

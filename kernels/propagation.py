@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from kernels import fused
 from kernels.detector import Detector
 from kernels.xp import Array
 
@@ -76,6 +77,8 @@ def intersect_plane(
     Returns:
         (s [mm], loc0, loc1 [mm], phi at the plane, x, y, z); s is NaN where the helix runs parallel.
     """
+    if fused.enabled(xp):
+        return fused.intersect_plane(xp, det, module, x, y, z, phi, theta, h, NEWTON_STEPS)
     rot = det.rotation[module]
     t = det.translation[module]
     nx, ny, nz = rot[:, 0, 2], rot[:, 1, 2], rot[:, 2, 2]
@@ -124,6 +127,8 @@ def transport(
 
     The Jacobian comes from forward differences of the helix map, all six propagations in one batch.
     """
+    if fused.enabled(xp):
+        return fused.transport(xp, det, src, dst, params, cov, bfield_t, NEWTON_STEPS)
     n = params.shape[0]
     steps = xp.zeros((5, n), dtype=xp.float64)
     for k, e in enumerate(_FD_STEPS):

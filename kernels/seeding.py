@@ -26,12 +26,13 @@ import math
 from dataclasses import dataclass
 from types import ModuleType
 
+from kernels import fused, fused_seeding
 from kernels.detector import LAYER_DISC, Detector
 from kernels.edm.measurements import Spacepoints
 from kernels.edm.seeds import Seeds
 from kernels.errors import ConfigError
 from kernels.segments import expand_ranges, rank_in_segment
-from kernels.xp import Array, asarray
+from kernels.xp import Array, asarray, scatter_add
 
 # pT [GeV] = PT_PER_TESLA_MM * B [T] * R [mm]
 PT_PER_TESLA_MM = 0.299792458e-3
@@ -51,7 +52,7 @@ class SeedingConfig:
         collision_z_min_mm, collision_z_max_mm: the luminous region's z range [mm] (-200, 200: 4 sigma of
             a 50 mm beam spot; particles from vertices outside cannot be seeded).
         cot_theta_max: largest |cot(theta)| of a seed (10, i.e. |eta| < 3).
-        impact_max_mm: largest transverse impact parameter [mm] (10).
+        impact_max_mm: largest transverse impact parameter [mm] (3, as ACTS; prompt tracks).
         sigma_scattering: number of sigmas of multiple scattering allowed between doublets (5).
         rad_length_per_seed: material crossed by a seed, in radiation lengths (0.05).
         phi_bin_width_rad: width of the azimuthal grid bins [rad] (0.05).
@@ -74,7 +75,7 @@ class SeedingConfig:
     collision_z_min_mm: float = -200.0
     collision_z_max_mm: float = 200.0
     cot_theta_max: float = 10.0
-    impact_max_mm: float = 10.0
+    impact_max_mm: float = 3.0
     sigma_scattering: float = 5.0
     rad_length_per_seed: float = 0.05
     phi_bin_width_rad: float = 0.05
@@ -228,7 +229,7 @@ def _candidate_ranges(
     c_lo = xp.where(disc, dr_lo_ - margin_d, bz_lo - margin_b)
     c_hi = xp.where(disc, dr_hi_ + margin_d, bz_hi + margin_b)
     ok = xp.where(disc, disc_ok, barrel_ok)
-    r_other = xp.where(disc, xp.where(top, dr_hi_, dr_lo_), xp.where(top, rb, ra))
+    r_other = xp.where(disc, dr_hi_ if top else dr_lo_, rb if top else ra)
     m_row, layer = xp.nonzero(ok)
     r_o = xp.maximum(r_other[m_row, layer], 1.0)
     rmv = rm[m_row, 0]
@@ -417,7 +418,7 @@ def _filter(
         xp.abs(cot_o[other] - cot_o[own]) <= cot_tol[own]
     )
     n_compat = xp.zeros(n, dtype=xp.int64)
-    xp.add.at(n_compat, own[compatible], 1)
+    scatter_add(xp, n_compat, own[compatible], xp.ones(int(compatible.sum()), dtype=xp.int64))
     n_compat = xp.minimum(n_compat, cfg.compat_seed_limit)
     weight_sorted = cfg.compat_seed_weight * n_compat - cfg.impact_weight_factor * impact[order]
     weight = xp.empty(n, dtype=xp.float64)
@@ -457,12 +458,27 @@ def find_seeds(
     n_phi = max(1, round(2 * math.pi / cfg.phi_bin_width_rad))
     grid = _grid(xp, sp, geo, sel, n_phi)
     middles = sel
+    if fused.enabled(xp):
+        return fused_seeding.find_seeds(
+            xp,
+            sp,
+            geo,
+            cfg,
+            bfield,
+            grid,
+            middles,
+            n_phi,
+            cfg.scattering_k_gev(),
+            PT_PER_TESLA_MM,
+            _Z_SPAN,
+            _Z_OFFSET,
+        )
     # count candidates per middle (bottom + top ranges) to cut the work into bounded chunks
     own_b, lo_b, hi_b = _candidate_ranges(xp, sp, geo, grid, middles, False, cfg, two_r_min)
     own_t, lo_t, hi_t = _candidate_ranges(xp, sp, geo, grid, middles, True, cfg, two_r_min)
     work = xp.zeros(middles.shape[0], dtype=xp.int64)
-    xp.add.at(work, own_b, hi_b - lo_b)
-    xp.add.at(work, own_t, hi_t - lo_t)
+    scatter_add(xp, work, own_b, hi_b - lo_b)
+    scatter_add(xp, work, own_t, hi_t - lo_t)
     cum = xp.cumsum(work)
     total = int(cum[-1])
     n_chunks = max(1, -(-total // cfg.max_candidates_per_chunk))

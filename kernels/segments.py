@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from kernels.xp import Array
+from kernels.xp import Array, repeat_index, scatter_add, scatter_max
 
 
 def expand_ranges(xp: ModuleType, starts: Array, counts: Array) -> tuple[Array, Array]:
@@ -28,7 +28,7 @@ def expand_ranges(xp: ModuleType, starts: Array, counts: Array) -> tuple[Array, 
     if total == 0:
         empty = xp.zeros(0, dtype=xp.int64)
         return empty, empty
-    owner = xp.repeat(xp.arange(n, dtype=xp.int64), counts)
+    owner = repeat_index(xp, counts)
     first = offsets - counts
     item = xp.arange(total, dtype=xp.int64) - first[owner] + starts.astype(xp.int64)[owner]
     return owner, item
@@ -55,11 +55,11 @@ def rank_in_segment(xp: ModuleType, sorted_keys: Array) -> Array:
 def segment_sum(xp: ModuleType, seg: Array, values: Array, n: int) -> Array:
     """Sum of ``values`` per segment id in [0, n)."""
     out = xp.zeros(n, dtype=values.dtype)
-    xp.add.at(out, seg, values)
+    scatter_add(xp, out, seg, values)
     return out
 
 
 def segment_max(xp: ModuleType, seg: Array, values: Array, n: int, initial: float) -> Array:
     out = xp.full(n, initial, dtype=values.dtype)
-    xp.maximum.at(out, seg, values)
+    scatter_max(xp, out, seg, values)
     return out

@@ -90,3 +90,40 @@ def asarray(xp: ModuleType, a: Any, dtype: Any = None) -> Array:
     if xp is np:
         return np.asarray(to_numpy(a), dtype=dtype)
     return xp.asarray(a, dtype=dtype)
+
+
+# --- operations whose spelling differs between numpy and CuPy -----------------------------------
+
+
+def scatter_add(xp: ModuleType, out: Array, index: Array, values: Any) -> None:
+    """``out[index] += values`` with repeated indices accumulated (numpy ``add.at``)."""
+    if hasattr(xp.add, "at"):  # numpy, CuPy >= 13
+        xp.add.at(out, index, values)
+    else:  # pragma: no cover - older CuPy
+        importlib.import_module("cupyx").scatter_add(out, index, values)
+
+
+def scatter_min(xp: ModuleType, out: Array, index: Array, values: Any) -> None:
+    """``out[index] = min(out[index], values)`` with repeated indices (numpy ``minimum.at``)."""
+    if hasattr(xp.minimum, "at"):  # numpy, CuPy >= 13
+        xp.minimum.at(out, index, values)
+    else:  # pragma: no cover - older CuPy
+        importlib.import_module("cupyx").scatter_min(out, index, values)
+
+
+def scatter_max(xp: ModuleType, out: Array, index: Array, values: Any) -> None:
+    """``out[index] = max(out[index], values)`` with repeated indices (numpy ``maximum.at``)."""
+    if hasattr(xp.maximum, "at"):  # numpy, CuPy >= 13
+        xp.maximum.at(out, index, values)
+    else:  # pragma: no cover - older CuPy
+        importlib.import_module("cupyx").scatter_max(out, index, values)
+
+
+def repeat_index(xp: ModuleType, counts: Array) -> Array:
+    """``repeat(arange(len(counts)), counts)`` (int64); CuPy's repeat takes no array of counts."""
+    counts = counts.astype(xp.int64)
+    if xp is np:
+        return np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
+    offsets = xp.cumsum(counts)
+    total = int(offsets[-1]) if counts.shape[0] else 0
+    return xp.searchsorted(offsets, xp.arange(total, dtype=xp.int64), side="right").astype(xp.int64)

@@ -79,9 +79,18 @@ def test_cupy_matches_numpy(xp, bundled, detector):
     event = load_cells(discover(bundled)[0], detector)
     ref = Chain(np, detector, ChainConfig()).run_front([event], {})
     got = Chain(xp, detector, ChainConfig()).run_front([event], {})
-    for name in ("module", "local0", "local1", "var0", "var1", "truth_id"):
+    for name in ("module", "truth_id", "n_cells"):
+        np.testing.assert_array_equal(
+            to_numpy(getattr(got.measurements, name)), getattr(ref.measurements, name)
+        )
+    for name in ("local0", "local1"):
         np.testing.assert_allclose(
-            to_numpy(getattr(got.measurements, name)), getattr(ref.measurements, name), rtol=1e-12, atol=1e-12
+            to_numpy(getattr(got.measurements, name)), getattr(ref.measurements, name), rtol=0, atol=1e-9
+        )
+    # variances come from E[x^2] - E[x]^2 with atomically summed (unordered) sums: rounding differs
+    for name in ("var0", "var1"):
+        np.testing.assert_allclose(
+            to_numpy(getattr(got.measurements, name)), getattr(ref.measurements, name), rtol=1e-6, atol=1e-9
         )
 
     def triplets(front):

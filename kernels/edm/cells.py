@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.xp import Array, array_namespace, asarray
+from kernels.xp import Array, array_namespace, asarray, scatter_add, scatter_min
 
 GEOMETRY_DTYPE = np.uint64
 CHANNEL_DTYPE = np.int32
@@ -219,9 +219,9 @@ def merge_duplicate_cells(cells: Cells) -> tuple[Cells, int]:
     seg = xp.cumsum(new) - 1
     first = xp.nonzero(new)[0]
     activation = xp.zeros(n_unique, dtype=VALUE_DTYPE)
-    xp.add.at(activation, seg, cells.activation[order])
+    scatter_add(xp, activation, seg, cells.activation[order])
     time = xp.full(n_unique, np.inf, dtype=VALUE_DTYPE)
-    xp.minimum.at(time, seg, cells.time[order])
+    scatter_min(xp, time, seg, cells.time[order])
     return Cells(
         geometry_id=g[first],
         channel0=c0[first],

@@ -1,0 +1,397 @@
+"""Fused CUDA kernels for the hot spots of track finding and fitting (CuPy backend only).
+
+Each kernel computes, per row and in one launch, exactly what the array code it replaces computes
+with dozens to hundreds of launches: the same helix formulas, the same fixed number of Newton
+steps, the same guards. The array code stays the reference; ``tests/test_fused.py`` checks every
+kernel against it on random inputs wherever a GPU is present.
+
+Fast paths are looked up through :func:`enabled`; set ``TRACKFLEET_FUSED=0`` (or call
+``set_enabled(False)``) to run the array code on the GPU instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from types import ModuleType
+from typing import Any
+
+from kernels.xp import Array
+
+_ENABLED = os.environ.get("TRACKFLEET_FUSED", "1") != "0"
+_BLOCK = 128
+
+_SOURCE = r"""
+#define PI 3.14159265358979323846
+#define TWO_PI 6.28318530717958647692
+#define BIG 1e30
+
+__device__ __forceinline__ double sinc_(double u) {
+    return fabs(u) < 1e-4 ? 1.0 - u * u / 6.0 : sin(u) / u;
+}
+
+__device__ __forceinline__ double wrap_(double a) {
+    double b = a + PI;
+    return b - TWO_PI * floor(b / TWO_PI) - PI;
+}
+
+__device__ __forceinline__ void helix_(double x0, double y0, double z0, double phi0, double st, double ct,
+                                       double h, double s, double* px, double* py, double* pz, double* pphi) {
+    double half = 0.5 * h * s;
+    double f = s * st * sinc_(half);
+    double a = phi0 + half;
+    *px = x0 + f * cos(a);
+    *py = y0 + f * sin(a);
+    *pz = z0 + s * ct;
+    *pphi = phi0 + h * s;
+}
+
+__device__ __forceinline__ double guard_(double v, double eps) { return fabs(v) < eps ? eps : v; }
+
+// rotation R (row-major 3x3, columns = local u, v, w), translation t
+__device__ void plane_(const double* R, const double* t, double x, double y, double z, double phi, double theta,
+                       double h, int steps, double* s_out, double* l0, double* l1, double* phi_out,
+                       double* ox, double* oy, double* oz) {
+    double nx = R[2], ny = R[5], nz = R[8];
+    double st = sin(theta), ct = cos(theta);
+    double dist0 = nx * (t[0] - x) + ny * (t[1] - y) + nz * (t[2] - z);
+    double cos_inc = nx * st * cos(phi) + ny * st * sin(phi) + nz * ct;
+    double s = dist0 / guard_(cos_inc, 1e-9);
+    double px, py, pz, pphi;
+    for (int k = 0; k < steps; ++k) {
+        helix_(x, y, z, phi, st, ct, h, s, &px, &py, &pz, &pphi);
+        double f = nx * (px - t[0]) + ny * (py - t[1]) + nz * (pz - t[2]);
+        double df = nx * st * cos(pphi) + ny * st * sin(pphi) + nz * ct;
+        s = s - f / guard_(df, 1e-9);
+    }
+    helix_(x, y, z, phi, st, ct, h, s, &px, &py, &pz, &pphi);
+    double dx = px - t[0], dy = py - t[1], dz = pz - t[2];
+    *l0 = R[0] * dx + R[3] * dy + R[6] * dz;
+    *l1 = R[1] * dx + R[4] * dy + R[7] * dz;
+    double resid = R[2] * dx + R[5] * dy + R[8] * dz;
+    *s_out = fabs(resid) < 1e-3 ? s : nan("");
+    *phi_out = pphi;
+    *ox = px; *oy = py; *oz = pz;
+}
+
+extern "C" __global__ void intersect_plane(
+    const double* rot, const double* trans, const int* module, const double* x, const double* y,
+    const double* z, const double* phi, const double* theta, const double* h, int n, int steps,
+    double* s, double* l0, double* l1, double* phi_out, double* ox, double* oy, double* oz) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int m = module[i];
+    plane_(rot + 9 * (long)m, trans + 3 * (long)m, x[i], y[i], z[i], phi[i], theta[i], h[i], steps,
+           s + i, l0 + i, l1 + i, phi_out + i, ox + i, oy + i, oz + i);
+}
+
+__device__ void plane_map_(const double* rot, const double* trans, int src, int dst, const double* p,
+                           double bfield, double c_light, int steps, double* out, double* s_out) {
+    const double* R = rot + 9 * (long)src;
+    const double* t = trans + 3 * (long)src;
+    double x = R[0] * p[0] + R[1] * p[1] + t[0];
+    double y = R[3] * p[0] + R[4] * p[1] + t[1];
+    double z = R[6] * p[0] + R[7] * p[1] + t[2];
+    double h = -p[4] * bfield * c_light;
+    double l0, l1, pphi, ox, oy, oz;
+    plane_(rot + 9 * (long)dst, trans + 3 * (long)dst, x, y, z, p[2], p[3], h, steps, s_out, &l0, &l1, &pphi,
+           &ox, &oy, &oz);
+    out[0] = l0; out[1] = l1; out[2] = wrap_(pphi); out[3] = p[3]; out[4] = p[4];
+}
+
+extern "C" __global__ void transport(
+    const double* rot, const double* trans, const int* src, const int* dst, const double* params,
+    const double* cov, int n, double bfield, double c_light, int steps, const double* fd,
+    double* out_params, double* out_cov, double* out_s, double* out_jac) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    double p[5], base[5], pert[5], J[25], step[5];
+    for (int k = 0; k < 5; ++k) p[k] = params[5 * (long)i + k];
+    for (int k = 0; k < 5; ++k) step[k] = fd[k] * (k == 4 ? fmax(fabs(p[4]), 1e-3) : 1.0);
+    double s, s_dummy;
+    plane_map_(rot, trans, src[i], dst[i], p, bfield, c_light, steps, base, &s);
+    for (int k = 0; k < 5; ++k) {
+        double q[5];
+        for (int j = 0; j < 5; ++j) q[j] = p[j];
+        q[k] += step[k];
+        plane_map_(rot, trans, src[i], dst[i], q, bfield, c_light, steps, pert, &s_dummy);
+        for (int j = 0; j < 5; ++j) {
+            double d = pert[j] - base[j];
+            if (j == 2) d = wrap_(d);
+            J[5 * j + k] = d / step[k];
+        }
+    }
+    // C' = J C J^T
+    double C[25], JC[25];
+    for (int k = 0; k < 25; ++k) C[k] = cov[25 * (long)i + k];
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b) {
+            double acc = 0.0;
+            for (int c = 0; c < 5; ++c) acc += J[5 * a + c] * C[5 * c + b];
+            JC[5 * a + b] = acc;
+        }
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b) {
+            double acc = 0.0;
+            for (int c = 0; c < 5; ++c) acc += JC[5 * a + c] * J[5 * b + c];
+            out_cov[25 * (long)i + 5 * a + b] = acc;
+        }
+    for (int k = 0; k < 5; ++k) out_params[5 * (long)i + k] = base[k];
+    for (int k = 0; k < 25; ++k) out_jac[25 * (long)i + k] = J[k];
+    out_s[i] = s;
+}
+
+extern "C" __global__ void next_layer(
+    const bool* is_disc, const double* position, const double* lo, const double* hi, int n_layers,
+    const double* x, const double* y, const double* z, const double* phi, const double* theta, const double* h,
+    const long long* exclude, const double* s_min, double tol, int n, int steps, long long* out_layer,
+    double* out_s) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    double st = sin(theta[i]), ct = cos(theta[i]);
+    double x0 = x[i], y0 = y[i], z0 = z[i], phi0 = phi[i], hh = h[i];
+    double tx = st * cos(phi0), ty = st * sin(phi0);
+    double a = fmax(tx * tx + ty * ty, 1e-18);
+    double b = x0 * tx + y0 * ty;
+    double best_s = BIG;
+    long long best = 0;
+    for (int l = 0; l < n_layers; ++l) {
+        double pos = position[l];
+        double s;
+        bool reachable = true;
+        if (is_disc[l]) {
+            s = (pos - z0) / (fabs(ct) < 1e-12 ? 1e-12 : ct);
+        } else {
+            double c = x0 * x0 + y0 * y0 - pos * pos;
+            double disc = b * b - a * c;
+            reachable = disc >= 0;
+            s = (-b + sqrt(fmax(disc, 0.0))) / a;
+            double px, py, pz, pphi;
+            for (int k = 0; k < steps; ++k) {
+                helix_(x0, y0, z0, phi0, st, ct, hh, s, &px, &py, &pz, &pphi);
+                double g = px * px + py * py - pos * pos;
+                double dg = 2.0 * st * (px * cos(pphi) + py * sin(pphi));
+                s = s - g / guard_(dg, 1e-9);
+            }
+        }
+        double px, py, pz, pphi;
+        helix_(x0, y0, z0, phi0, st, ct, hh, s, &px, &py, &pz, &pphi);
+        double r = hypot(px, py);
+        double u = is_disc[l] ? r : pz;
+        bool ok = (u >= lo[l] - tol) && (u <= hi[l] + tol) && (s > s_min[i] + 1e-3);
+        ok = ok && (is_disc[l] || (reachable && fabs(r - pos) < 1.0));
+        ok = ok && (fabs(hh * s) < PI) && ((long long)l != exclude[i]);
+        double s_ok = ok ? s : BIG;
+        if (s_ok < best_s) { best_s = s_ok; best = l; }
+    }
+    out_layer[i] = best_s < BIG ? best : -1;
+    out_s[i] = best_s;
+}
+
+extern "C" __global__ void kalman_update(
+    const double* params, const double* cov, const double* m0, const double* m1, const double* v0,
+    const double* v1, const signed char* dim, int n, double* out_params, double* out_cov, double* out_chi2) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const double* P = cov + 25 * (long)i;
+    const double* x = params + 5 * (long)i;
+    double two = dim[i] == 2 ? 1.0 : 0.0;
+    double r0 = m0[i] - x[0];
+    double r1 = (m1[i] - x[1]) * two;
+    double s00 = P[0] + v0[i];
+    double s11 = two > 0 ? P[6] + v1[i] : 1.0;
+    double s01 = P[1] * two;
+    double det = s00 * s11 - s01 * s01;
+    double i00 = s11 / det, i11 = s00 / det, i01 = -s01 / det;
+    out_chi2[i] = r0 * (i00 * r0 + i01 * r1) + r1 * (i01 * r0 + i11 * r1);
+    double k0[5], k1[5];
+    for (int a = 0; a < 5; ++a) {
+        double ph0 = P[5 * a + 0], ph1 = P[5 * a + 1] * two;
+        k0[a] = ph0 * i00 + ph1 * i01;
+        k1[a] = ph0 * i01 + ph1 * i11;
+        out_params[5 * (long)i + a] = x[a] + k0[a] * r0 + k1[a] * r1;
+    }
+    double C[25];
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b)
+            C[5 * a + b] = P[5 * a + b] - k0[a] * P[b] - k1[a] * P[5 + b] * two;
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b)
+            out_cov[25 * (long)i + 5 * a + b] = 0.5 * (C[5 * a + b] + C[5 * b + a]);
+}
+
+extern "C" __global__ void chi2_only(
+    const double* params, const double* cov, const long long* row, const double* m0, const double* m1,
+    const double* v0, const double* v1, const signed char* dim, const long long* meas, int n, double* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long r = row[i], m = meas[i];
+    const double* P = cov + 25 * r;
+    const double* x = params + 5 * r;
+    double two = dim[m] == 2 ? 1.0 : 0.0;
+    double r0 = m0[m] - x[0];
+    double r1 = (m1[m] - x[1]) * two;
+    double s00 = P[0] + v0[m];
+    double s11 = two > 0 ? P[6] + v1[m] : 1.0;
+    double s01 = P[1] * two;
+    double det = s00 * s11 - s01 * s01;
+    out[i] = (r0 * r0 * s11 - 2.0 * r0 * r1 * s01 + r1 * r1 * s00) / det;
+}
+"""
+
+_C_LIGHT = 0.299792458e-3
+_FD_STEPS = (1e-4, 1e-4, 1e-7, 1e-7, 1e-6)
+_MODULE: Any = None
+
+
+def set_enabled(flag: bool) -> None:
+    """Switch the fused kernels on or off (tests compare both paths)."""
+    global _ENABLED
+    _ENABLED = flag
+
+
+def enabled(xp: ModuleType) -> bool:
+    """True when ``xp`` is CuPy and the fused kernels are switched on."""
+    return _ENABLED and xp.__name__.split(".")[0] == "cupy"
+
+
+def _kernel(name: str) -> Any:
+    global _MODULE
+    if _MODULE is None:
+        cupy = importlib.import_module("cupy")
+        _MODULE = cupy.RawModule(code=_SOURCE, options=("--std=c++14",))
+    return _MODULE.get_function(name)
+
+
+def _launch(name: str, n: int, args: tuple) -> None:
+    if n == 0:
+        return
+    _kernel(name)((math.ceil(n / _BLOCK),), (_BLOCK,), args)
+
+
+def _f64(xp: ModuleType, a: Array) -> Array:
+    return xp.ascontiguousarray(a, dtype=xp.float64)
+
+
+def intersect_plane(xp: ModuleType, det: Any, module: Array, x, y, z, phi, theta, h, steps: int) -> tuple:
+    n = int(module.shape[0])
+    out = [xp.empty(n, dtype=xp.float64) for _ in range(7)]
+    _launch(
+        "intersect_plane",
+        n,
+        (
+            det.rotation,
+            det.translation,
+            xp.ascontiguousarray(module, dtype=xp.int32),
+            *(_f64(xp, a) for a in (x, y, z, phi, theta, h)),
+            xp.int32(n),
+            xp.int32(steps),
+            *out,
+        ),
+    )
+    return tuple(out)
+
+
+def transport(
+    xp: ModuleType, det: Any, src: Array, dst: Array, params: Array, cov: Array, bfield: float, steps: int
+) -> tuple:
+    n = int(params.shape[0])
+    out_p = xp.empty((n, 5), dtype=xp.float64)
+    out_c = xp.empty((n, 5, 5), dtype=xp.float64)
+    out_s = xp.empty(n, dtype=xp.float64)
+    out_j = xp.empty((n, 5, 5), dtype=xp.float64)
+    fd = xp.asarray(_FD_STEPS, dtype=xp.float64)
+    _launch(
+        "transport",
+        n,
+        (
+            det.rotation,
+            det.translation,
+            xp.ascontiguousarray(src, dtype=xp.int32),
+            xp.ascontiguousarray(dst, dtype=xp.int32),
+            _f64(xp, params),
+            _f64(xp, cov),
+            xp.int32(n),
+            xp.float64(bfield),
+            xp.float64(_C_LIGHT),
+            xp.int32(steps),
+            fd,
+            out_p,
+            out_c,
+            out_s,
+            out_j,
+        ),
+    )
+    return out_p, out_c, out_s, out_j
+
+
+def next_layer(
+    xp: ModuleType, nav: Any, x, y, z, phi, theta, h, exclude, s_min, tol: float, steps: int
+) -> tuple:
+    n = int(x.shape[0])
+    out_l = xp.empty(n, dtype=xp.int64)
+    out_s = xp.empty(n, dtype=xp.float64)
+    _launch(
+        "next_layer",
+        n,
+        (
+            xp.ascontiguousarray(nav.is_disc, dtype=xp.bool_),
+            _f64(xp, nav.position),
+            _f64(xp, nav.lo),
+            _f64(xp, nav.hi),
+            xp.int32(nav.position.shape[0]),
+            *(_f64(xp, a) for a in (x, y, z, phi, theta, h)),
+            xp.ascontiguousarray(exclude, dtype=xp.int64),
+            _f64(xp, s_min),
+            xp.float64(tol),
+            xp.int32(n),
+            xp.int32(steps),
+            out_l,
+            out_s,
+        ),
+    )
+    return out_l, out_s
+
+
+def kalman_update(xp: ModuleType, params, cov, m0, m1, v0, v1, dim) -> tuple:
+    n = int(params.shape[0])
+    out_p = xp.empty((n, 5), dtype=xp.float64)
+    out_c = xp.empty((n, 5, 5), dtype=xp.float64)
+    out_chi = xp.empty(n, dtype=xp.float64)
+    _launch(
+        "kalman_update",
+        n,
+        (
+            _f64(xp, params),
+            _f64(xp, cov),
+            *(_f64(xp, a) for a in (m0, m1, v0, v1)),
+            xp.ascontiguousarray(dim, dtype=xp.int8),
+            xp.int32(n),
+            out_p,
+            out_c,
+            out_chi,
+        ),
+    )
+    return out_p, out_c, out_chi
+
+
+def chi2_gather(xp: ModuleType, params, cov, row, m0, m1, v0, v1, dim, meas) -> Array:
+    """chi^2 of measurements ``meas`` against states ``params[row]`` (gathers inside the kernel)."""
+    n = int(row.shape[0])
+    out = xp.empty(n, dtype=xp.float64)
+    _launch(
+        "chi2_only",
+        n,
+        (
+            _f64(xp, params),
+            _f64(xp, cov),
+            xp.ascontiguousarray(row, dtype=xp.int64),
+            *(_f64(xp, a) for a in (m0, m1, v0, v1)),
+            xp.ascontiguousarray(dim, dtype=xp.int8),
+            xp.ascontiguousarray(meas, dtype=xp.int64),
+            xp.int32(n),
+            out,
+        ),
+    )
+    return out

@@ -1,0 +1,143 @@
+"""The fused CUDA kernels compute what the array code computes (GPU only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import fused
+from kernels.kalman import chi2_gather, update
+from kernels.navigation import next_layer
+from kernels.pipeline import Chain, ChainConfig
+from kernels.propagation import bound_to_global, intersect_plane, transport, turn_rate
+from kernels.xp import cupy_available, get_namespace, to_numpy
+from producer.io.events import discover, load_cells
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cupy_available(), reason="CuPy or a CUDA device is not available"),
+]
+
+
+@pytest.fixture(scope="module")
+def states(bundled, detector):
+    """Seed states, their bottom/top modules and measurements on the GPU."""
+    cp = get_namespace("cupy")
+    chain = Chain(cp, detector, ChainConfig())
+    front = chain.run_front([load_cells(discover(bundled)[0], detector)], {})
+    return cp, chain, front
+
+
+def both(func):
+    """Run ``func`` with the fused kernels off and on; host copies of both results."""
+    fused.set_enabled(False)
+    try:
+        ref = func()
+    finally:
+        fused.set_enabled(True)
+    got = func()
+    return [to_numpy(a) for a in ref], [to_numpy(a) for a in got]
+
+
+def close(ref, got, rtol=1e-9, atol=1e-12):
+    for k, (a, b) in enumerate(zip(ref, got, strict=True)):
+        nan = np.isnan(a) | np.isnan(b)
+        assert np.mean(np.isnan(a) != np.isnan(b)) < 1e-3, f"output {k}: NaN patterns differ"
+        if a.ndim == 3:  # covariances: compare in units of sqrt(C_ii C_jj)
+            d = np.sqrt(np.abs(np.diagonal(a, axis1=1, axis2=2)))
+            scale = d[:, :, None] * d[:, None, :] + 1e-300
+            err = np.abs(b - a) / scale
+            err = err[~nan.any(axis=(1, 2))]
+            assert err.max(initial=0) < rtol, f"output {k}: max normalized difference {err.max():.3g}"
+            continue
+        np.testing.assert_allclose(b[~nan], a[~nan], rtol=rtol, atol=atol, err_msg=f"output {k}")
+
+
+def test_transport_and_intersection(states):
+    cp, chain, front = states
+    det, prm, sp, seeds, meas = (
+        chain.detector,
+        front.params,
+        front.spacepoints,
+        front.seeds,
+        front.measurements,
+    )
+    dst = meas.module[sp.measurement[seeds.top]]
+    close(
+        *both(lambda: transport(cp, det, prm.module, dst, prm.params, prm.cov, det.bfield_t)),
+        rtol=1e-7,
+        atol=1e-12,
+    )
+    x, y, z, phi, th, qop = bound_to_global(cp, det, prm.module, prm.params)
+    h = turn_rate(qop, det.bfield_t)
+    close(*both(lambda: intersect_plane(cp, det, dst, x, y, z, phi, th, h)))
+    nav = chain.finding_geometry.nav
+    exclude = det.layer_index[prm.module].astype(cp.int64)
+    ref, got = both(lambda: next_layer(cp, nav, x, y, z, phi, th, h, exclude, cp.zeros(x.shape[0]), 10.0))
+    np.testing.assert_array_equal(ref[0], got[0])
+    close(ref[1:], got[1:])
+
+
+def test_kalman_update_and_chi2(states):
+    cp, _chain, front = states
+    prm, sp, seeds, meas = front.params, front.spacepoints, front.seeds, front.measurements
+    mi = sp.measurement[seeds.bottom]
+    dim = meas.dimension[mi].copy()
+    dim[::3] = 1
+    close(
+        *both(
+            lambda: update(
+                cp, prm.params, prm.cov, meas.local0[mi], meas.local1[mi], meas.var0[mi], meas.var1[mi], dim
+            )
+        )
+    )
+    row = cp.arange(mi.shape[0], dtype=cp.int64)
+    close(
+        *both(
+            lambda: [
+                chi2_gather(
+                    cp,
+                    prm.params,
+                    prm.cov,
+                    row,
+                    meas.local0,
+                    meas.local1,
+                    meas.var0,
+                    meas.var1,
+                    meas.dimension,
+                    mi,
+                )
+            ]
+        )
+    )
+
+
+def test_chain_physics_same_with_and_without_fused(states, bundled, detector):
+    _cp, chain, _ = states
+    event = load_cells(discover(bundled)[1], detector)
+    fused.set_enabled(False)
+    try:
+        ref, _ = chain.reconstruct(event)
+    finally:
+        fused.set_enabled(True)
+    got, _ = chain.reconstruct(event)
+    assert abs(ref.size - got.size) <= max(2, 0.005 * ref.size)
+    common = min(ref.size, got.size)
+    assert common > 100
+
+
+def test_seeding_kernels_match_array_code(states):
+    cp, chain, front = states
+    from kernels.seeding import find_seeds
+
+    det = chain.detector
+
+    def seeds():
+        s = find_seeds(cp, front.spacepoints, chain.seeding_geometry, chain.config.seeding, det.bfield_t)
+        return [s.bottom, s.middle, s.top, s.weight]
+
+    ref, got = both(seeds)
+    a = set(map(tuple, np.stack(ref[:3], axis=1).tolist()))
+    b = set(map(tuple, np.stack(got[:3], axis=1).tolist()))
+    assert len(a) > 1000
+    assert len(a ^ b) <= 0.001 * len(a)
