@@ -27,13 +27,14 @@ from types import ModuleType
 
 import numpy as np
 
+from kernels import fused
 from kernels.detector import Detector
 from kernels.edm.measurements import Measurements, Spacepoints
 from kernels.edm.seeds import BoundParameters, Seeds
 from kernels.errors import ConfigError
 from kernels.kalman import add_scattering, chi2_gather, update
 from kernels.navigation import NavigationGrid, modules_near, next_layer
-from kernels.propagation import bound_to_global, helix_at, intersect_plane, transport, turn_rate
+from kernels.propagation import NEWTON_STEPS, bound_to_global, helix_at, intersect_plane, transport, turn_rate
 from kernels.segments import expand_ranges, rank_in_segment
 from kernels.xp import Array, asarray
 
@@ -237,103 +238,12 @@ def find_tracks(
     finished: list[dict[str, Array]] = []
     ctx = _Context(xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield)
 
+    step = _fused_step if fused.enabled(xp) else _array_step
     for _ in range(cfg.max_steps):
         if state["params"].shape[0] == 0:
             break
-        st = state
-        x, y, z, phi, theta, qop = bound_to_global(xp, det, st["module"], st["params"])
-        # scattering in the module the candidate sits on, before leaving it
-        cov = add_scattering(
-            xp,
-            st["params"],
-            st["cov"],
-            geo.material[st["module"]],
-            _cos_incidence(xp, det, st["module"], phi, theta),
-        )
-        h = turn_rate(qop, bfield)
-        layer, s_layer = next_layer(
-            xp,
-            geo.nav,
-            x,
-            y,
-            z,
-            phi,
-            theta,
-            h,
-            det.layer_index[st["module"]].astype(xp.int64),
-            st["s_done"],
-            cfg.layer_tolerance_mm,
-        )
-        leaving = layer < 0
-        if bool(leaving.any()):
-            finished.append({k: v[leaving] for k, v in st.items()})
-        go = xp.nonzero(~leaving)[0]
-        st = {k: v[go] for k, v in st.items()}
-        cov = cov[go]
-        x, y, z, phi, theta, h, layer, s_layer = (a[go] for a in (x, y, z, phi, theta, h, layer, s_layer))
-        lx, ly, lz, _ = helix_at(xp, x, y, z, phi, theta, h, s_layer)
-        found = ctx.search(st, cov, layer, lx, ly, lz, x, y, z, phi, theta, h, exclude_module=None)
-        cand, pair, mi, chi = found.cand, found.pair, found.meas, found.chi2
-        order = xp.lexsort(xp.stack([chi, cand.astype(xp.float64)]))
-        cand, pair, mi, chi = cand[order], pair[order], mi[order], chi[order]
-        take = rank_in_segment(xp, cand) < cfg.max_branches_per_surface
-        cand, pair, mi, chi = cand[take], pair[take], mi[take], chi[take]
-        up_p, up_c, up_chi = update(
-            xp,
-            found.pred_params[pair],
-            found.pred_cov[pair],
-            meas.local0[mi],
-            meas.local1[mi],
-            mv0[mi],
-            mv1[mi],
-            meas.dimension[mi],
-        )
-        children = {
-            "params": up_p,
-            "cov": up_c,
-            "module": found.module[pair],
-            "event": st["event"][cand],
-            "seed": st["seed"][cand],
-            "node": nodes.add(st["node"][cand], mi),
-            "n_meas": st["n_meas"][cand] + 1,
-            "holes": st["holes"][cand],
-            "chi2": st["chi2"][cand] + up_chi,
-            "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
-        }
-        children = ctx.overlap(children, layer[cand], nodes)
-        # candidates without a compatible measurement continue on their prediction at the nearest
-        # module crossed (a hole when inside its bounds), or stay put past a gap in the layer
-        n = go.shape[0]
-        has = xp.zeros(n, dtype=bool)
-        has[cand] = True
-        lost = xp.nonzero(~has)[0]
-        pr = found.nearest[lost]
-        moved = pr >= 0
-        pr0 = xp.maximum(pr, 0)
-        holes = st["holes"][lost] + found.crossed[lost].astype(xp.int64)
-        if found.pred_params.shape[0]:
-            lone_params = xp.where(moved[:, None], found.pred_params[pr0], st["params"][lost])
-            lone_cov = xp.where(moved[:, None, None], found.pred_cov[pr0], cov[lost])
-            lone_module = xp.where(moved, found.module[pr0], st["module"][lost])
-        else:
-            lone_params, lone_cov, lone_module = st["params"][lost], cov[lost], st["module"][lost]
-        lone = {
-            "params": lone_params,
-            "cov": lone_cov,
-            "module": lone_module,
-            "event": st["event"][lost],
-            "seed": st["seed"][lost],
-            "node": st["node"][lost],
-            "n_meas": st["n_meas"][lost],
-            "holes": holes,
-            "chi2": st["chi2"][lost],
-            "s_done": xp.where(moved, 0.0, s_layer[lost]),
-        }
-        too_many = holes > cfg.max_holes
-        if bool(too_many.any()):
-            finished.append({k: v[too_many] for k, v in lone.items()})
-        lone = {k: v[~too_many] for k, v in lone.items()}
-        state = {k: xp.concatenate([children[k], lone[k]]) for k in children}
+        done, state = step(ctx, state, nodes)
+        finished.extend(done)
         # at most max_branches_per_seed live candidates per seed: most measurements, then lowest chi^2
         if state["seed"].shape[0]:
             order = xp.lexsort(
@@ -447,6 +357,232 @@ class _Context:
         out["n_meas"][cand] += 1
         out["chi2"][cand] += up_chi
         return out
+
+
+def _array_step(
+    ctx: _Context, st: dict[str, Array], nodes: _Nodes
+) -> tuple[list[dict[str, Array]], dict[str, Array]]:
+    """One layer step of all candidates with array code: (finished candidates, live candidates)."""
+    xp, det, geo, meas, cfg, bfield = ctx.xp, ctx.det, ctx.geo, ctx.meas, ctx.cfg, ctx.bfield
+    mv0, mv1 = ctx.mv0, ctx.mv1
+    done: list[dict[str, Array]] = []
+    x, y, z, phi, theta, qop = bound_to_global(xp, det, st["module"], st["params"])
+    # scattering in the module the candidate sits on, before leaving it
+    cov = add_scattering(
+        xp,
+        st["params"],
+        st["cov"],
+        geo.material[st["module"]],
+        _cos_incidence(xp, det, st["module"], phi, theta),
+    )
+    h = turn_rate(qop, bfield)
+    layer, s_layer = next_layer(
+        xp,
+        geo.nav,
+        x,
+        y,
+        z,
+        phi,
+        theta,
+        h,
+        det.layer_index[st["module"]].astype(xp.int64),
+        st["s_done"],
+        cfg.layer_tolerance_mm,
+    )
+    leaving = layer < 0
+    if bool(leaving.any()):
+        done.append({k: v[leaving] for k, v in st.items()})
+    go = xp.nonzero(~leaving)[0]
+    st = {k: v[go] for k, v in st.items()}
+    cov = cov[go]
+    x, y, z, phi, theta, h, layer, s_layer = (a[go] for a in (x, y, z, phi, theta, h, layer, s_layer))
+    lx, ly, lz, _ = helix_at(xp, x, y, z, phi, theta, h, s_layer)
+    found = ctx.search(st, cov, layer, lx, ly, lz, x, y, z, phi, theta, h, exclude_module=None)
+    cand, pair, mi, chi = found.cand, found.pair, found.meas, found.chi2
+    order = xp.lexsort(xp.stack([chi, cand.astype(xp.float64)]))
+    cand, pair, mi, chi = cand[order], pair[order], mi[order], chi[order]
+    take = rank_in_segment(xp, cand) < cfg.max_branches_per_surface
+    cand, pair, mi, chi = cand[take], pair[take], mi[take], chi[take]
+    up_p, up_c, up_chi = update(
+        xp,
+        found.pred_params[pair],
+        found.pred_cov[pair],
+        meas.local0[mi],
+        meas.local1[mi],
+        mv0[mi],
+        mv1[mi],
+        meas.dimension[mi],
+    )
+    children = {
+        "params": up_p,
+        "cov": up_c,
+        "module": found.module[pair],
+        "event": st["event"][cand],
+        "seed": st["seed"][cand],
+        "node": nodes.add(st["node"][cand], mi),
+        "n_meas": st["n_meas"][cand] + 1,
+        "holes": st["holes"][cand],
+        "chi2": st["chi2"][cand] + up_chi,
+        "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
+    }
+    children = ctx.overlap(children, layer[cand], nodes)
+    # candidates without a compatible measurement continue on their prediction at the nearest
+    # module crossed (a hole when inside its bounds), or stay put past a gap in the layer
+    n = go.shape[0]
+    has = xp.zeros(n, dtype=bool)
+    has[cand] = True
+    lost = xp.nonzero(~has)[0]
+    pr = found.nearest[lost]
+    moved = pr >= 0
+    pr0 = xp.maximum(pr, 0)
+    holes = st["holes"][lost] + found.crossed[lost].astype(xp.int64)
+    if found.pred_params.shape[0]:
+        lone_params = xp.where(moved[:, None], found.pred_params[pr0], st["params"][lost])
+        lone_cov = xp.where(moved[:, None, None], found.pred_cov[pr0], cov[lost])
+        lone_module = xp.where(moved, found.module[pr0], st["module"][lost])
+    else:
+        lone_params, lone_cov, lone_module = st["params"][lost], cov[lost], st["module"][lost]
+    lone = {
+        "params": lone_params,
+        "cov": lone_cov,
+        "module": lone_module,
+        "event": st["event"][lost],
+        "seed": st["seed"][lost],
+        "node": st["node"][lost],
+        "n_meas": st["n_meas"][lost],
+        "holes": holes,
+        "chi2": st["chi2"][lost],
+        "s_done": xp.where(moved, 0.0, s_layer[lost]),
+    }
+    too_many = holes > cfg.max_holes
+    if bool(too_many.any()):
+        done.append({k: v[too_many] for k, v in lone.items()})
+    lone = {k: v[~too_many] for k, v in lone.items()}
+    return done, {k: xp.concatenate([children[k], lone[k]]) for k in children}
+
+
+def _fused_step(
+    ctx: _Context, st: dict[str, Array], nodes: _Nodes
+) -> tuple[list[dict[str, Array]], dict[str, Array]]:
+    """The same step as :func:`_array_step` with the search fused into one kernel per phase."""
+    xp, det, geo, meas, cfg = ctx.xp, ctx.det, ctx.geo, ctx.meas, ctx.cfg
+    mv0, mv1 = ctx.mv0, ctx.mv1
+    k_max = cfg.max_branches_per_surface
+    done: list[dict[str, Array]] = []
+    res = fused.layer_search(
+        xp,
+        det,
+        geo,
+        geo.nav,
+        st["params"],
+        st["cov"],
+        st["module"],
+        st["event"],
+        st["s_done"],
+        None,
+        0,
+        ctx.mkey,
+        meas,
+        mv0,
+        mv1,
+        cfg,
+        k_max,
+        NEWTON_STEPS,
+    )
+    leaving = res["layer"] < 0
+    if bool(leaving.any()):
+        done.append({k: v[leaving] for k, v in st.items()})
+    go = xp.nonzero(~leaving)[0]
+    st = {k: v[go] for k, v in st.items()}
+    cov = res["scat_cov"][go]
+    layer, s_layer, n_found = res["layer"][go], res["s_layer"][go], res["n_found"][go]
+    mask = xp.arange(k_max)[None, :] < n_found[:, None]
+    cand, slot = xp.nonzero(mask)
+    flat = go[cand] * k_max + slot
+    mi = res["meas"][flat]
+    up_p, up_c, up_chi = update(
+        xp,
+        res["params"][flat],
+        res["cov"][flat],
+        meas.local0[mi],
+        meas.local1[mi],
+        mv0[mi],
+        mv1[mi],
+        meas.dimension[mi],
+    )
+    children = {
+        "params": up_p,
+        "cov": up_c,
+        "module": res["module"][flat],
+        "event": st["event"][cand],
+        "seed": st["seed"][cand],
+        "node": nodes.add(st["node"][cand], mi),
+        "n_meas": st["n_meas"][cand] + 1,
+        "holes": st["holes"][cand],
+        "chi2": st["chi2"][cand] + up_chi,
+        "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
+    }
+    if cand.shape[0]:
+        ov = fused.layer_search(
+            xp,
+            det,
+            geo,
+            geo.nav,
+            children["params"],
+            children["cov"],
+            children["module"],
+            children["event"],
+            children["s_done"],
+            layer[cand],
+            1,
+            ctx.mkey,
+            meas,
+            mv0,
+            mv1,
+            cfg,
+            1,
+            NEWTON_STEPS,
+        )
+        hit = xp.nonzero(ov["n_found"] > 0)[0]
+        if hit.shape[0]:
+            omi = ov["meas"][hit]
+            o_p, o_c, o_chi = update(
+                xp,
+                ov["params"][hit],
+                ov["cov"][hit],
+                meas.local0[omi],
+                meas.local1[omi],
+                mv0[omi],
+                mv1[omi],
+                meas.dimension[omi],
+            )
+            children["params"][hit] = o_p
+            children["cov"][hit] = o_c
+            children["module"][hit] = ov["module"][hit]
+            children["node"][hit] = nodes.add(children["node"][hit], omi)
+            children["n_meas"][hit] += 1
+            children["chi2"][hit] += o_chi
+    lost = xp.nonzero(n_found == 0)[0]
+    near = res["near_module"][go][lost]
+    moved = near >= 0
+    holes = st["holes"][lost] + res["crossed"][go][lost].astype(xp.int64)
+    lone = {
+        "params": xp.where(moved[:, None], res["near_params"][go][lost], st["params"][lost]),
+        "cov": xp.where(moved[:, None, None], res["near_cov"][go][lost], cov[lost]),
+        "module": xp.where(moved, near, st["module"][lost]),
+        "event": st["event"][lost],
+        "seed": st["seed"][lost],
+        "node": st["node"][lost],
+        "n_meas": st["n_meas"][lost],
+        "holes": holes,
+        "chi2": st["chi2"][lost],
+        "s_done": xp.where(moved, 0.0, s_layer[lost]),
+    }
+    too_many = holes > cfg.max_holes
+    if bool(too_many.any()):
+        done.append({k: v[too_many] for k, v in lone.items()})
+    lone = {k: v[~too_many] for k, v in lone.items()}
+    return done, {k: xp.concatenate([children[k], lone[k]]) for k in children}
 
 
 def _collect(

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
+from kernels import fused, fused_fit
 from kernels.detector import Detector
 from kernels.edm.measurements import Measurements
 from kernels.kalman import add_scattering, highland, update
-from kernels.propagation import bound_to_global, to_perigee, transport
+from kernels.propagation import NEWTON_STEPS, bound_to_global, to_perigee, transport
 from kernels.xp import Array
 
 
@@ -64,6 +65,23 @@ def fit_tracks(
         material: x/X0 per module crossing (from the finding geometry).
         start_params, start_cov: initial parameters on each track's first measurement module.
     """
+    if fused.enabled(xp):
+        return FitResult(
+            *fused_fit.fit_tracks(
+                xp,
+                det,
+                material,
+                meas,
+                offsets,
+                measurements,
+                start_params,
+                start_cov,
+                variances,
+                cfg.initial_cov_scale,
+                cfg.beam_pipe_x0,
+                NEWTON_STEPS,
+            )
+        )
     bfield = det.bfield_t
     n = offsets.shape[0] - 1
     if n == 0:

@@ -100,31 +100,26 @@ __device__ void plane_map_(const double* rot, const double* trans, int src, int 
     out[0] = l0; out[1] = l1; out[2] = wrap_(pphi); out[3] = p[3]; out[4] = p[4];
 }
 
-extern "C" __global__ void transport(
-    const double* rot, const double* trans, const int* src, const int* dst, const double* params,
-    const double* cov, int n, double bfield, double c_light, int steps, const double* fd,
-    double* out_params, double* out_cov, double* out_s, double* out_jac) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    double p[5], base[5], pert[5], J[25], step[5];
-    for (int k = 0; k < 5; ++k) p[k] = params[5 * (long)i + k];
+// base parameters on dst, their Jacobian J (row-major [out][in]) and J C J^T; returns the path length
+__device__ double transport_(const double* rot, const double* trans, int src, int dst, const double* p,
+                             const double* C, double bfield, double c_light, int steps, const double* fd,
+                             double* base, double* J, double* out_cov) {
+    double pert[5], step[5];
     for (int k = 0; k < 5; ++k) step[k] = fd[k] * (k == 4 ? fmax(fabs(p[4]), 1e-3) : 1.0);
     double s, s_dummy;
-    plane_map_(rot, trans, src[i], dst[i], p, bfield, c_light, steps, base, &s);
+    plane_map_(rot, trans, src, dst, p, bfield, c_light, steps, base, &s);
     for (int k = 0; k < 5; ++k) {
         double q[5];
         for (int j = 0; j < 5; ++j) q[j] = p[j];
         q[k] += step[k];
-        plane_map_(rot, trans, src[i], dst[i], q, bfield, c_light, steps, pert, &s_dummy);
+        plane_map_(rot, trans, src, dst, q, bfield, c_light, steps, pert, &s_dummy);
         for (int j = 0; j < 5; ++j) {
             double d = pert[j] - base[j];
             if (j == 2) d = wrap_(d);
             J[5 * j + k] = d / step[k];
         }
     }
-    // C' = J C J^T
-    double C[25], JC[25];
-    for (int k = 0; k < 25; ++k) C[k] = cov[25 * (long)i + k];
+    double JC[25];
     for (int a = 0; a < 5; ++a)
         for (int b = 0; b < 5; ++b) {
             double acc = 0.0;
@@ -135,11 +130,48 @@ extern "C" __global__ void transport(
         for (int b = 0; b < 5; ++b) {
             double acc = 0.0;
             for (int c = 0; c < 5; ++c) acc += JC[5 * a + c] * J[5 * b + c];
-            out_cov[25 * (long)i + 5 * a + b] = acc;
+            out_cov[5 * a + b] = acc;
         }
-    for (int k = 0; k < 5; ++k) out_params[5 * (long)i + k] = base[k];
-    for (int k = 0; k < 25; ++k) out_jac[25 * (long)i + k] = J[k];
-    out_s[i] = s;
+    return s;
+}
+
+// Kalman update of (x, P) with a 2-D (dim 2) or 1-D (dim 1, loc0 only) measurement; returns chi^2
+__device__ double update_(const double* x, const double* P, double m0, double m1, double v0, double v1, int dim,
+                          double* out_x, double* out_P) {
+    double two = dim == 2 ? 1.0 : 0.0;
+    double r0 = m0 - x[0];
+    double r1 = (m1 - x[1]) * two;
+    double s00 = P[0] + v0;
+    double s11 = two > 0 ? P[6] + v1 : 1.0;
+    double s01 = P[1] * two;
+    double det = s00 * s11 - s01 * s01;
+    double i00 = s11 / det, i11 = s00 / det, i01 = -s01 / det;
+    double chi2 = r0 * (i00 * r0 + i01 * r1) + r1 * (i01 * r0 + i11 * r1);
+    double k0[5], k1[5];
+    for (int a = 0; a < 5; ++a) {
+        double ph0 = P[5 * a + 0], ph1 = P[5 * a + 1] * two;
+        k0[a] = ph0 * i00 + ph1 * i01;
+        k1[a] = ph0 * i01 + ph1 * i11;
+        out_x[a] = x[a] + k0[a] * r0 + k1[a] * r1;
+    }
+    double C[25];
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b)
+            C[5 * a + b] = P[5 * a + b] - k0[a] * P[b] - k1[a] * P[5 + b] * two;
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b)
+            out_P[5 * a + b] = 0.5 * (C[5 * a + b] + C[5 * b + a]);
+    return chi2;
+}
+
+extern "C" __global__ void transport(
+    const double* rot, const double* trans, const int* src, const int* dst, const double* params,
+    const double* cov, int n, double bfield, double c_light, int steps, const double* fd,
+    double* out_params, double* out_cov, double* out_s, double* out_jac) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out_s[i] = transport_(rot, trans, src[i], dst[i], params + 5 * (long)i, cov + 25 * (long)i, bfield, c_light,
+                          steps, fd, out_params + 5 * (long)i, out_jac + 25 * (long)i, out_cov + 25 * (long)i);
 }
 
 extern "C" __global__ void next_layer(
@@ -194,31 +226,184 @@ extern "C" __global__ void kalman_update(
     const double* v1, const signed char* dim, int n, double* out_params, double* out_cov, double* out_chi2) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const double* P = cov + 25 * (long)i;
-    const double* x = params + 5 * (long)i;
-    double two = dim[i] == 2 ? 1.0 : 0.0;
-    double r0 = m0[i] - x[0];
-    double r1 = (m1[i] - x[1]) * two;
-    double s00 = P[0] + v0[i];
-    double s11 = two > 0 ? P[6] + v1[i] : 1.0;
-    double s01 = P[1] * two;
-    double det = s00 * s11 - s01 * s01;
-    double i00 = s11 / det, i11 = s00 / det, i01 = -s01 / det;
-    out_chi2[i] = r0 * (i00 * r0 + i01 * r1) + r1 * (i01 * r0 + i11 * r1);
-    double k0[5], k1[5];
-    for (int a = 0; a < 5; ++a) {
-        double ph0 = P[5 * a + 0], ph1 = P[5 * a + 1] * two;
-        k0[a] = ph0 * i00 + ph1 * i01;
-        k1[a] = ph0 * i01 + ph1 * i11;
-        out_params[5 * (long)i + a] = x[a] + k0[a] * r0 + k1[a] * r1;
-    }
+    out_chi2[i] = update_(params + 5 * (long)i, cov + 25 * (long)i, m0[i], m1[i], v0[i], v1[i], dim[i],
+                          out_params + 5 * (long)i, out_cov + 25 * (long)i);
+}
+
+
+#define MAXB 4
+// One CKF layer step for one candidate (mode 0), or the overlap search on its own layer (mode 1):
+// scattering, navigation to the next layer, the module grid, plane crossings and bounds, transport
+// to each searched module, and the best max_b measurements by chi^2 under chi2_max.
+extern "C" __global__ void layer_search(
+    const double* rot, const double* trans, const double* material, const double* half_u,
+    const int* module_layer, const bool* l_is_disc, const double* l_pos, const double* l_lo, const double* l_hi,
+    const long long* l_n_phi, const long long* l_n_u, const double* l_u_lo, const double* l_u_hi,
+    const long long* l_bin_offset, const long long* bin_start, const long long* bin_count, const int* bin_modules,
+    int n_layers, const double* params, const double* cov, const int* module, const int* event,
+    const double* s_done, const long long* layer_in, int n, int mode, int n_modules, const long long* mkey,
+    long long n_meas, const double* m0, const double* m1, const double* v0, const double* v1,
+    const signed char* mdim, double bfield, double c_light, int steps, const double* fd, double layer_tol,
+    double bounds_tol, double chi2_max, int max_b,
+    long long* o_layer, double* o_s_layer, int* o_n_found, long long* o_meas, double* o_chi2, int* o_module,
+    double* o_params, double* o_cov, bool* o_crossed, int* o_near_module, double* o_near_params,
+    double* o_near_cov, double* o_scat_cov) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const double* p = params + 5 * (long)i;
+    int mod = module[i];
+    const double* R = rot + 9 * (long)mod;
+    const double* t = trans + 3 * (long)mod;
+    double x = R[0] * p[0] + R[1] * p[1] + t[0];
+    double y = R[3] * p[0] + R[4] * p[1] + t[1];
+    double z = R[6] * p[0] + R[7] * p[1] + t[2];
+    double phi = p[2], theta = p[3];
+    double h = -p[4] * bfield * c_light;
+    double st = sin(theta), ct = cos(theta);
+    // scattering in the module the candidate sits on
     double C[25];
-    for (int a = 0; a < 5; ++a)
-        for (int b = 0; b < 5; ++b)
-            C[5 * a + b] = P[5 * a + b] - k0[a] * P[b] - k1[a] * P[5 + b] * two;
-    for (int a = 0; a < 5; ++a)
-        for (int b = 0; b < 5; ++b)
-            out_cov[25 * (long)i + 5 * a + b] = 0.5 * (C[5 * a + b] + C[5 * b + a]);
+    for (int k = 0; k < 25; ++k) C[k] = cov[25 * (long)i + k];
+    {
+        double cos_inc = R[2] * st * cos(phi) + R[5] * st * sin(phi) + R[8] * ct;
+        double mom = 1.0 / fmax(fabs(p[4]), 1e-9);
+        double xx = fmax(material[mod] / fmax(fabs(cos_inc), 0.05), 1e-8);
+        double th0 = 0.0136 / mom * sqrt(xx) * (1.0 + 0.038 * log(xx));
+        double sin_t = fmax(fabs(st), 1e-6);
+        C[12] += th0 * th0 / (sin_t * sin_t);
+        C[18] += th0 * th0;
+    }
+    for (int k = 0; k < 25; ++k) o_scat_cov[25 * (long)i + k] = C[k];
+    long long layer;
+    double s_layer, lx, ly, lz;
+    int exclude_module = -1;
+    if (mode == 0) {
+        long long exclude = module_layer[mod];
+        double tx = st * cos(phi), ty = st * sin(phi);
+        double a = fmax(tx * tx + ty * ty, 1e-18);
+        double b = x * tx + y * ty;
+        double best_s = BIG;
+        long long best = 0;
+        for (int l = 0; l < n_layers; ++l) {
+            double pos = l_pos[l];
+            double s;
+            bool reachable = true;
+            double px, py, pz, pphi;
+            if (l_is_disc[l]) {
+                s = (pos - z) / (fabs(ct) < 1e-12 ? 1e-12 : ct);
+            } else {
+                double c = x * x + y * y - pos * pos;
+                double disc = b * b - a * c;
+                reachable = disc >= 0;
+                s = (-b + sqrt(fmax(disc, 0.0))) / a;
+                for (int k = 0; k < steps; ++k) {
+                    helix_(x, y, z, phi, st, ct, h, s, &px, &py, &pz, &pphi);
+                    double g = px * px + py * py - pos * pos;
+                    double dg = 2.0 * st * (px * cos(pphi) + py * sin(pphi));
+                    s = s - g / guard_(dg, 1e-9);
+                }
+            }
+            helix_(x, y, z, phi, st, ct, h, s, &px, &py, &pz, &pphi);
+            double r = hypot(px, py);
+            double u = l_is_disc[l] ? r : pz;
+            bool ok = (u >= l_lo[l] - layer_tol) && (u <= l_hi[l] + layer_tol) && (s > s_done[i] + 1e-3);
+            ok = ok && (l_is_disc[l] || (reachable && fabs(r - pos) < 1.0));
+            ok = ok && (fabs(h * s) < PI) && ((long long)l != exclude);
+            double s_ok = ok ? s : BIG;
+            if (s_ok < best_s) { best_s = s_ok; best = l; }
+        }
+        layer = best_s < BIG ? best : -1;
+        s_layer = best_s;
+        o_layer[i] = layer;
+        o_s_layer[i] = s_layer;
+        o_n_found[i] = 0;
+        o_crossed[i] = false;
+        o_near_module[i] = -1;
+        if (layer < 0) return;
+        double pphi;
+        helix_(x, y, z, phi, st, ct, h, s_layer, &lx, &ly, &lz, &pphi);
+    } else {
+        layer = layer_in[i];
+        s_layer = 0.0;
+        lx = x; ly = y; lz = z;
+        exclude_module = mod;
+        o_layer[i] = layer;
+        o_s_layer[i] = 0.0;
+        o_n_found[i] = 0;
+        o_crossed[i] = false;
+        o_near_module[i] = -1;
+    }
+    // module grid of the layer around the crossing point
+    double gphi = atan2(ly, lx);
+    double gu = l_is_disc[layer] ? hypot(lx, ly) : lz;
+    long long nph = l_n_phi[layer], nu = l_n_u[layer];
+    long long bp = ((long long)floor((gphi + PI) / (2 * PI) * nph) % nph + nph) % nph;
+    double w_u = (l_u_hi[layer] - l_u_lo[layer]) / nu;
+    long long bu = (long long)floor((gu - l_u_lo[layer]) / w_u);
+    bu = bu < 0 ? 0 : (bu > nu - 1 ? nu - 1 : bu);
+    long long gbin = l_bin_offset[layer] + bp * nu + bu;
+    long long b0 = bin_start[gbin], b1 = b0 + bin_count[gbin];
+    int nf = 0;
+    long long br_meas[MAXB];
+    double br_chi[MAXB];
+    int br_mod[MAXB];
+    double br_p[MAXB][5], br_c[MAXB][25];
+    double near_s = BIG;
+    double pp[5], pc[25], J[25];
+    for (long long bi = b0; bi < b1; ++bi) {
+        int m = bin_modules[bi];
+        if (m == exclude_module) continue;
+        double s_m, l0, l1, pphi, ox, oy, oz;
+        plane_(rot + 9 * (long)m, trans + 3 * (long)m, x, y, z, phi, theta, h, steps, &s_m, &l0, &l1, &pphi,
+               &ox, &oy, &oz);
+        if (isnan(s_m) || !(s_m > 0)) continue;
+        double hv = half_u[3 * (long)m + 2];
+        double frac = (l1 + hv) / fmax(2 * hv, 1e-9);
+        frac = frac < 0 ? 0 : (frac > 1 ? 1 : frac);
+        double half_x = half_u[3 * (long)m] + (half_u[3 * (long)m + 1] - half_u[3 * (long)m]) * frac;
+        if (fabs(l0) <= half_x && fabs(l1) <= hv) o_crossed[i] = true;
+        if (!(fabs(l0) <= half_x + bounds_tol && fabs(l1) <= hv + bounds_tol)) continue;
+        double s_t = transport_(rot, trans, mod, m, p, C, bfield, c_light, steps, fd, pp, J, pc);
+        if (isnan(s_t)) continue;
+        if (mode == 0 && s_t < near_s) {
+            near_s = s_t;
+            o_near_module[i] = m;
+            for (int k = 0; k < 5; ++k) o_near_params[5 * (long)i + k] = pp[k];
+            for (int k = 0; k < 25; ++k) o_near_cov[25 * (long)i + k] = pc[k];
+        }
+        long long key = (long long)event[i] * n_modules + m;
+        long long lo = 0, hi = n_meas;
+        while (lo < hi) { long long md = (lo + hi) >> 1; if (mkey[md] < key) lo = md + 1; else hi = md; }
+        for (long long mi = lo; mi < n_meas && mkey[mi] == key; ++mi) {
+            double two = mdim[mi] == 2 ? 1.0 : 0.0;
+            double r0 = m0[mi] - pp[0];
+            double r1 = (m1[mi] - pp[1]) * two;
+            double s00 = pc[0] + v0[mi];
+            double s11 = two > 0 ? pc[6] + v1[mi] : 1.0;
+            double s01 = pc[1] * two;
+            double det = s00 * s11 - s01 * s01;
+            double chi = (r0 * r0 * s11 - 2.0 * r0 * r1 * s01 + r1 * r1 * s00) / det;
+            if (!(chi < chi2_max)) continue;
+            if (nf < max_b || chi < br_chi[nf - 1]) {
+                int q = nf < max_b ? nf++ : nf - 1;
+                while (q > 0 && br_chi[q - 1] > chi) {
+                    br_chi[q] = br_chi[q - 1]; br_meas[q] = br_meas[q - 1]; br_mod[q] = br_mod[q - 1];
+                    for (int k = 0; k < 5; ++k) br_p[q][k] = br_p[q - 1][k];
+                    for (int k = 0; k < 25; ++k) br_c[q][k] = br_c[q - 1][k];
+                    --q;
+                }
+                br_chi[q] = chi; br_meas[q] = mi; br_mod[q] = m;
+                for (int k = 0; k < 5; ++k) br_p[q][k] = pp[k];
+                for (int k = 0; k < 25; ++k) br_c[q][k] = pc[k];
+            }
+        }
+    }
+    o_n_found[i] = nf;
+    for (int q = 0; q < nf; ++q) {
+        long long row = (long long)i * max_b + q;
+        o_meas[row] = br_meas[q]; o_chi2[row] = br_chi[q]; o_module[row] = br_mod[q];
+        for (int k = 0; k < 5; ++k) o_params[5 * row + k] = br_p[q][k];
+        for (int k = 0; k < 25; ++k) o_cov[25 * row + k] = br_c[q][k];
+    }
 }
 
 extern "C" __global__ void chi2_only(
@@ -394,4 +579,106 @@ def chi2_gather(xp: ModuleType, params, cov, row, m0, m1, v0, v1, dim, meas) -> 
             out,
         ),
     )
+    return out
+
+
+def layer_search(
+    xp: ModuleType,
+    det: Any,
+    geo: Any,
+    nav: Any,
+    params: Array,
+    cov: Array,
+    module: Array,
+    event: Array,
+    s_done: Array,
+    layer_in: Array | None,
+    mode: int,
+    mkey: Array,
+    meas: Any,
+    v0: Array,
+    v1: Array,
+    cfg: Any,
+    max_b: int,
+    steps: int,
+) -> dict[str, Array]:
+    """One CKF layer step (mode 0) or overlap search (mode 1) for all candidates: see the kernel."""
+    n = int(params.shape[0])
+    f64, i64, i32 = xp.float64, xp.int64, xp.int32
+    if max_b > 4:
+        raise ValueError("fused layer_search supports at most 4 branches per surface")
+    out = {
+        "layer": xp.empty(n, i64),
+        "s_layer": xp.empty(n, f64),
+        "n_found": xp.empty(n, i32),
+        "meas": xp.empty(n * max_b, i64),
+        "chi2": xp.empty(n * max_b, f64),
+        "module": xp.empty(n * max_b, i32),
+        "params": xp.empty((n * max_b, 5), f64),
+        "cov": xp.empty((n * max_b, 5, 5), f64),
+        "crossed": xp.empty(n, xp.bool_),
+        "near_module": xp.empty(n, i32),
+        "near_params": xp.zeros((n, 5), f64),
+        "near_cov": xp.zeros((n, 5, 5), f64),
+        "scat_cov": xp.empty((n, 5, 5), f64),
+    }
+    c = xp.ascontiguousarray
+    args = (
+        det.rotation,
+        det.translation,
+        c(geo.material, dtype=f64),
+        c(geo.half_u, dtype=f64),
+        c(det.layer_index, dtype=i32),
+        c(nav.is_disc, dtype=xp.bool_),
+        c(nav.position, dtype=f64),
+        c(nav.lo, dtype=f64),
+        c(nav.hi, dtype=f64),
+        c(nav.n_phi, dtype=i64),
+        c(nav.n_u, dtype=i64),
+        c(nav.u_lo, dtype=f64),
+        c(nav.u_hi, dtype=f64),
+        c(nav.bin_offset, dtype=i64),
+        c(nav.bin_start, dtype=i64),
+        c(nav.bin_count, dtype=i64),
+        c(nav.bin_modules, dtype=i32),
+        i32(nav.position.shape[0]),
+        c(params, dtype=f64),
+        c(cov, dtype=f64),
+        c(module, dtype=i32),
+        c(event, dtype=i32),
+        c(s_done, dtype=f64),
+        c(layer_in if layer_in is not None else xp.zeros(1, i64), dtype=i64),
+        i32(n),
+        i32(mode),
+        i32(det.n_modules),
+        c(mkey, dtype=i64),
+        i64(mkey.shape[0]),
+        c(meas.local0, dtype=f64),
+        c(meas.local1, dtype=f64),
+        c(v0, dtype=f64),
+        c(v1, dtype=f64),
+        c(meas.dimension, dtype=xp.int8),
+        f64(det.bfield_t),
+        f64(_C_LIGHT),
+        i32(steps),
+        xp.asarray(_FD_STEPS, dtype=f64),
+        f64(cfg.layer_tolerance_mm),
+        f64(cfg.bounds_tolerance_mm),
+        f64(cfg.chi2_max),
+        i32(max_b),
+        out["layer"],
+        out["s_layer"],
+        out["n_found"],
+        out["meas"],
+        out["chi2"],
+        out["module"],
+        out["params"],
+        out["cov"],
+        out["crossed"],
+        out["near_module"],
+        out["near_params"],
+        out["near_cov"],
+        out["scat_cov"],
+    )
+    _launch("layer_search", n, args)
     return out

@@ -141,3 +141,32 @@ def test_seeding_kernels_match_array_code(states):
     b = set(map(tuple, np.stack(got[:3], axis=1).tolist()))
     assert len(a) > 1000
     assert len(a ^ b) <= 0.001 * len(a)
+
+
+def test_fit_kernel_matches_array_code(states, bundled, detector):
+    _cp, chain, _ = states
+    import kernels.pipeline as pipeline
+
+    captured = {}
+    original = pipeline.fit_tracks
+
+    def capture(*args):
+        captured["args"] = args
+        return original(*args)
+
+    pipeline.fit_tracks = capture
+    try:
+        chain.reconstruct(load_cells(discover(bundled)[2], detector))
+    finally:
+        pipeline.fit_tracks = original
+    args = captured["args"]
+
+    def run():
+        r = original(*args)
+        return [r.params, r.cov, r.chi2, r.ndf.astype(np.float64), r.ok.astype(np.float64)]
+
+    ref, got = both(run)
+    np.testing.assert_array_equal(ref[4], got[4])
+    ok = ref[4] > 0
+    close([ref[0][ok], ref[1][ok], ref[2][ok]], [got[0][ok], got[1][ok], got[2][ok]], rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(ref[3], got[3])

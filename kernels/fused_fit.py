@@ -1,0 +1,293 @@
+"""Fused CUDA Kalman fit (CuPy backend): forward filter, RTS smoother and perigee extrapolation of
+every track in one thread, one launch for all tracks of a batch.
+
+The arithmetic is that of :mod:`kernels.fitting` step for step (scattering, finite-difference
+transport, update, smoother gain solved in the diagonally scaled basis, beam-pipe scattering,
+perigee Jacobian). Only the filtered states are kept (in a scratch array); the smoother recomputes
+each step's prediction and Jacobian from them instead of storing three more arrays per state.
+``tests/test_fused.py`` checks the result against the array code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from types import ModuleType
+from typing import Any
+
+from kernels import fused
+from kernels.xp import Array
+
+_FIT_SOURCE = r"""
+__device__ void scatter_(const double* R, const double* p, double* C, double x0) {
+    double st = sin(p[3]);
+    double cos_inc = R[2] * st * cos(p[2]) + R[5] * st * sin(p[2]) + R[8] * cos(p[3]);
+    double mom = 1.0 / fmax(fabs(p[4]), 1e-9);
+    double x = fmax(x0 / fmax(fabs(cos_inc), 0.05), 1e-8);
+    double th0 = 0.0136 / mom * sqrt(x) * (1.0 + 0.038 * log(x));
+    double sin_t = fmax(fabs(st), 1e-6);
+    C[12] += th0 * th0 / (sin_t * sin_t);
+    C[18] += th0 * th0;
+}
+
+__device__ void perigee_map_(const double* rot, const double* trans, int module, const double* p, double bfield,
+                             double c_light, int steps, double* out) {
+    const double* R = rot + 9 * (long)module;
+    const double* t = trans + 3 * (long)module;
+    double x = R[0] * p[0] + R[1] * p[1] + t[0];
+    double y = R[3] * p[0] + R[4] * p[1] + t[1];
+    double z = R[6] * p[0] + R[7] * p[1] + t[2];
+    double phi = p[2], theta = p[3];
+    double h = -p[4] * bfield * c_light;
+    double st = sin(theta), ct = cos(theta);
+    double s = -(x * cos(phi) + y * sin(phi)) / fmax(st, 1e-9);
+    double px, py, pz, pphi;
+    for (int k = 0; k < steps; ++k) {
+        helix_(x, y, z, phi, st, ct, h, s, &px, &py, &pz, &pphi);
+        double tx = st * cos(pphi), ty = st * sin(pphi);
+        double g = px * tx + py * ty;
+        double dg = tx * tx + ty * ty + h * st * (px * -sin(pphi) * st + py * cos(pphi) * st) / fmax(st, 1e-9);
+        s = s - g / (fabs(dg) < 1e-12 ? 1e-12 : dg);
+    }
+    helix_(x, y, z, phi, st, ct, h, s, &px, &py, &pz, &pphi);
+    pphi = wrap_(pphi);
+    out[0] = -px * sin(pphi) + py * cos(pphi);
+    out[1] = pz; out[2] = pphi; out[3] = theta; out[4] = p[4];
+}
+
+// X = A^-1 B for 5x5 A (symmetric positive), 5x5 B, in the basis scaling A to unit diagonal
+__device__ void spd_solve_(const double* A, const double* B, double* X) {
+    double d[5], M[25], Y[25];
+    for (int a = 0; a < 5; ++a) d[a] = sqrt(fmax(fabs(A[6 * a]), 1e-300));
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b) { M[5 * a + b] = A[5 * a + b] / (d[a] * d[b]); Y[5 * a + b] = B[5 * a + b] / d[a]; }
+    // Gaussian elimination with partial pivoting
+    for (int c = 0; c < 5; ++c) {
+        int piv = c;
+        for (int r = c + 1; r < 5; ++r) if (fabs(M[5 * r + c]) > fabs(M[5 * piv + c])) piv = r;
+        if (piv != c)
+            for (int k = 0; k < 5; ++k) {
+                double t1 = M[5 * c + k]; M[5 * c + k] = M[5 * piv + k]; M[5 * piv + k] = t1;
+                double t2 = Y[5 * c + k]; Y[5 * c + k] = Y[5 * piv + k]; Y[5 * piv + k] = t2;
+            }
+        double inv = 1.0 / M[6 * c];
+        for (int r = c + 1; r < 5; ++r) {
+            double f = M[5 * r + c] * inv;
+            for (int k = c; k < 5; ++k) M[5 * r + k] -= f * M[5 * c + k];
+            for (int k = 0; k < 5; ++k) Y[5 * r + k] -= f * Y[5 * c + k];
+        }
+    }
+    for (int c = 4; c >= 0; --c)
+        for (int k = 0; k < 5; ++k) {
+            double acc = Y[5 * c + k];
+            for (int j = c + 1; j < 5; ++j) acc -= M[5 * c + j] * X[5 * j + k];
+            X[5 * c + k] = acc / M[6 * c];
+        }
+    for (int a = 0; a < 5; ++a)
+        for (int k = 0; k < 5; ++k) X[5 * a + k] /= d[a];
+}
+
+extern "C" __global__ void fit_tracks(
+    const double* rot, const double* trans, const double* material, const long long* offsets,
+    const long long* measurements, int n_tracks, const int* m_module, const double* m_l0, const double* m_l1,
+    const double* m_v0, const double* m_v1, const signed char* m_dim, const double* start_p, const double* start_c,
+    double cov_scale, double beam_pipe_x0, double bfield, double c_light, int steps, const double* fd, int n_max,
+    double* scratch, double* out_p, double* out_c, double* out_chi2, int* out_ndf, bool* out_ok) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_tracks) return;
+    long long base = offsets[i];
+    int len = (int)(offsets[i + 1] - base);
+    double* store = scratch + (long)i * n_max * 30;
+    double p[5], C[25], pp[5], pc[25], J[25], Cq[25];
+    for (int k = 0; k < 5; ++k) p[k] = start_p[5 * (long)i + k];
+    for (int k = 0; k < 25; ++k) C[k] = start_c[25 * (long)i + k] * cov_scale;
+    long long mi = measurements[base];
+    int module = m_module[mi];
+    update_(p, C, m_l0[mi], m_l1[mi], m_v0[mi], m_v1[mi], m_dim[mi], pp, pc);
+    for (int k = 0; k < 5; ++k) p[k] = pp[k];
+    for (int k = 0; k < 25; ++k) C[k] = pc[k];
+    double chi2 = 0.0;
+    int ndf = m_dim[mi] - 5;
+    bool ok = true;
+    for (int k = 0; k < 5; ++k) store[k] = p[k];
+    for (int k = 0; k < 25; ++k) store[5 + k] = C[k];
+    for (int step = 1; step < len; ++step) {
+        mi = measurements[base + step];
+        int target = m_module[mi];
+        for (int k = 0; k < 25; ++k) Cq[k] = C[k];
+        scatter_(rot + 9 * (long)module, p, Cq, material[module]);
+        double s = transport_(rot, trans, module, target, p, Cq, bfield, c_light, steps, fd, pp, J, pc);
+        if (isnan(s)) {
+            ok = false;
+            for (int k = 0; k < 5; ++k) pp[k] = p[k];
+            for (int k = 0; k < 25; ++k) pc[k] = Cq[k];
+        }
+        chi2 += update_(pp, pc, m_l0[mi], m_l1[mi], m_v0[mi], m_v1[mi], m_dim[mi], p, C);
+        module = target;
+        ndf += m_dim[mi];
+        double* st_k = store + 30 * (long)step;
+        for (int k = 0; k < 5; ++k) st_k[k] = p[k];
+        for (int k = 0; k < 25; ++k) st_k[5 + k] = C[k];
+    }
+    // smoother: p, C hold the last filtered (= smoothed) state
+    for (int step = len - 2; step >= 0; --step) {
+        const double* fp = store + 30 * (long)step;
+        const double* fc = fp + 5;
+        int mod_k = m_module[measurements[base + step]];
+        int mod_n = m_module[measurements[base + step + 1]];
+        for (int k = 0; k < 25; ++k) Cq[k] = fc[k];
+        scatter_(rot + 9 * (long)mod_k, fp, Cq, material[mod_k]);
+        double s = transport_(rot, trans, mod_k, mod_n, fp, Cq, bfield, c_light, steps, fd, pp, J, pc);
+        if (isnan(s)) {
+            for (int k = 0; k < 5; ++k) pp[k] = fp[k];
+            for (int k = 0; k < 25; ++k) pc[k] = Cq[k];
+        }
+        double JF[25], X[25], G[25];
+        for (int a = 0; a < 5; ++a)
+            for (int b = 0; b < 5; ++b) {
+                double acc = 0.0;
+                for (int c = 0; c < 5; ++c) acc += J[5 * a + c] * fc[5 * c + b];
+                JF[5 * a + b] = acc;
+            }
+        spd_solve_(pc, JF, X);
+        for (int a = 0; a < 5; ++a)
+            for (int b = 0; b < 5; ++b) G[5 * a + b] = X[5 * b + a];
+        double diff[5];
+        for (int a = 0; a < 5; ++a) diff[a] = p[a] - pp[a];
+        diff[2] = wrap_(diff[2]);
+        double np_[5], D[25], GD[25];
+        for (int a = 0; a < 5; ++a) {
+            double acc = fp[a];
+            for (int c = 0; c < 5; ++c) acc += G[5 * a + c] * diff[c];
+            np_[a] = acc;
+        }
+        for (int k = 0; k < 25; ++k) D[k] = C[k] - pc[k];
+        for (int a = 0; a < 5; ++a)
+            for (int b = 0; b < 5; ++b) {
+                double acc = 0.0;
+                for (int c = 0; c < 5; ++c) acc += G[5 * a + c] * D[5 * c + b];
+                GD[5 * a + b] = acc;
+            }
+        for (int a = 0; a < 5; ++a)
+            for (int b = 0; b < 5; ++b) {
+                double acc = fc[5 * a + b];
+                for (int c = 0; c < 5; ++c) acc += GD[5 * a + c] * G[5 * b + c];
+                C[5 * a + b] = acc;
+            }
+        for (int a = 0; a < 5; ++a) p[a] = np_[a];
+    }
+    int first = m_module[measurements[base]];
+    double mom = 1.0 / fmax(fabs(p[4]), 1e-9);
+    double x = fmax(beam_pipe_x0, 1e-8);
+    double th0 = 0.0136 / mom * sqrt(x) * (1.0 + 0.038 * log(x));
+    double sin_t = fmax(fabs(sin(p[3])), 1e-6);
+    C[12] += th0 * th0 / (sin_t * sin_t);
+    C[18] += th0 * th0;
+    // perigee parameters and their Jacobian by forward differences
+    double per[5], pert[5], q[5], step_[5], PJ[25];
+    for (int k = 0; k < 5; ++k) step_[k] = fd[k] * (k == 4 ? fmax(fabs(p[4]), 1e-3) : 1.0);
+    perigee_map_(rot, trans, first, p, bfield, c_light, steps, per);
+    for (int k = 0; k < 5; ++k) {
+        for (int j = 0; j < 5; ++j) q[j] = p[j];
+        q[k] += step_[k];
+        perigee_map_(rot, trans, first, q, bfield, c_light, steps, pert);
+        for (int j = 0; j < 5; ++j) {
+            double d = pert[j] - per[j];
+            if (j == 2) d = wrap_(d);
+            PJ[5 * j + k] = d / step_[k];
+        }
+    }
+    double JC[25];
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b) {
+            double acc = 0.0;
+            for (int c = 0; c < 5; ++c) acc += PJ[5 * a + c] * C[5 * c + b];
+            JC[5 * a + b] = acc;
+        }
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b) {
+            double acc = 0.0;
+            for (int c = 0; c < 5; ++c) acc += JC[5 * a + c] * PJ[5 * b + c];
+            out_c[25 * (long)i + 5 * a + b] = acc;
+        }
+    for (int a = 0; a < 5; ++a) {
+        out_p[5 * (long)i + a] = per[a];
+        ok = ok && isfinite(per[a]) && out_c[25 * (long)i + 6 * a] > 0;
+    }
+    out_chi2[i] = chi2;
+    out_ndf[i] = ndf;
+    out_ok[i] = ok;
+}
+"""
+
+_MODULE: Any = None
+_BLOCK = 64
+
+
+def full_source() -> str:
+    return fused._SOURCE + _FIT_SOURCE
+
+
+def _kernel() -> Any:
+    global _MODULE
+    if _MODULE is None:
+        cupy = importlib.import_module("cupy")
+        _MODULE = cupy.RawModule(code=full_source(), options=("--std=c++14",))
+    return _MODULE.get_function("fit_tracks")
+
+
+def fit_tracks(
+    xp: ModuleType,
+    det: Any,
+    material: Array,
+    meas: Any,
+    offsets: Array,
+    measurements: Array,
+    start_params: Array,
+    start_cov: Array,
+    variances: tuple[Array, Array],
+    cov_scale: float,
+    beam_pipe_x0: float,
+    steps: int,
+) -> tuple[Array, Array, Array, Array, Array]:
+    """(perigee params [T, 5], cov [T, 5, 5], chi2 [T], ndf [T], ok [T])."""
+    n = int(offsets.shape[0]) - 1
+    length = offsets[1:] - offsets[:-1]
+    n_max = int(length.max()) if n else 0
+    f64 = xp.float64
+    out_p = xp.empty((n, 5), dtype=f64)
+    out_c = xp.empty((n, 5, 5), dtype=f64)
+    out_chi2 = xp.empty(n, dtype=f64)
+    out_ndf = xp.empty(n, dtype=xp.int32)
+    out_ok = xp.empty(n, dtype=xp.bool_)
+    if n == 0:
+        return out_p, out_c, out_chi2, out_ndf, out_ok
+    scratch = xp.empty(n * n_max * 30, dtype=f64)
+    args = (
+        det.rotation,
+        det.translation,
+        xp.ascontiguousarray(material, dtype=f64),
+        xp.ascontiguousarray(offsets, dtype=xp.int64),
+        xp.ascontiguousarray(measurements, dtype=xp.int64),
+        xp.int32(n),
+        xp.ascontiguousarray(meas.module, dtype=xp.int32),
+        *(xp.ascontiguousarray(a, dtype=f64) for a in (meas.local0, meas.local1, variances[0], variances[1])),
+        xp.ascontiguousarray(meas.dimension, dtype=xp.int8),
+        xp.ascontiguousarray(start_params, dtype=f64),
+        xp.ascontiguousarray(start_cov, dtype=f64),
+        xp.float64(cov_scale),
+        xp.float64(beam_pipe_x0),
+        xp.float64(det.bfield_t),
+        xp.float64(0.299792458e-3),
+        xp.int32(steps),
+        xp.asarray(fused._FD_STEPS, dtype=f64),
+        xp.int32(n_max),
+        scratch,
+        out_p,
+        out_c,
+        out_chi2,
+        out_ndf,
+        out_ok,
+    )
+    _kernel()((math.ceil(n / _BLOCK),), (_BLOCK,), args)
+    return out_p, out_c, out_chi2, out_ndf, out_ok
