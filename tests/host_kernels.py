@@ -1,0 +1,70 @@
+"""Compile the fused CUDA kernels for the host, so that tests can check them against the array code
+on machines without a GPU (the same source, with a tiny shim for the CUDA built-ins)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SHIM = """
+#include <cmath>
+using std::sin; using std::cos; using std::floor; using std::fabs; using std::sqrt; using std::hypot;
+using std::fmax; using std::fmin; using std::asin; using std::log; using std::isnan; using std::isfinite;
+#define __device__
+#define __forceinline__ inline
+#define __global__
+struct Dim { int x; };
+static thread_local Dim blockIdx{0}, threadIdx{0}, blockDim{1};
+"""
+
+
+def compiler() -> str | None:
+    return shutil.which("g++") or shutil.which("c++")
+
+
+def build(source: str) -> ctypes.CDLL:
+    """Shared library with one host driver per kernel: ``name(args..., n_threads)``."""
+    code = source.replace('extern "C" __global__ void ', "void k_")
+    drivers = []
+    for m in re.finditer(r"void k_(\w+)\((.*?)\)\s*\{", code, re.S):
+        name, params = m.group(1), m.group(2)
+        names = [re.split(r"[\s\*]+", p.strip())[-1] for p in params.split(",")]
+        drivers.append(
+            f'extern "C" void {name}({params}, int n_total) {{ for (int t = 0; t < n_total; ++t) '
+            f'{{ blockIdx.x = t; k_{name}({", ".join(names)}); }} }}'
+        )
+    text = SHIM + code + "\n" + "\n".join(drivers) + "\n"
+    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"trackfleet-host-{digest}.so"
+    if not out.exists():
+        src = out.with_suffix(".cpp")
+        src.write_text(text)
+        subprocess.run([compiler() or "g++", "-O1", "-shared", "-fPIC", "-o", str(out), str(src)], check=True)
+    return ctypes.CDLL(str(out))
+
+
+def _arg(a):
+    if isinstance(a, np.ndarray):
+        if not a.flags.c_contiguous:
+            raise AssertionError("a kernel received a non-contiguous array")
+        return a.ctypes.data_as(ctypes.c_void_p)
+    if isinstance(a, np.int64):
+        return ctypes.c_longlong(int(a))
+    if isinstance(a, (np.int32, np.int8, int)):
+        return ctypes.c_int(int(a))
+    return ctypes.c_double(float(a))
+
+
+def launcher(lib: ctypes.CDLL):
+    def launch(name: str, n: int, args: tuple) -> None:
+        if n:
+            getattr(lib, name)(*[_arg(a) for a in args], ctypes.c_int(n))
+
+    return launch
