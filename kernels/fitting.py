@@ -25,13 +25,13 @@ from kernels.xp import Array
 class FittingConfig:
     """Attributes:
     initial_cov_scale: factor on the seed covariance the filter starts from (100).
-    beam_pipe_x0: material between the beam line and the first measurement, x/X0 (0.012, measured
+    beam_pipe_x0: material between the beam line and the first measurement, x/X0 (0.004, tuned
         on the simulated generic detector), added as scattering when the fit is extrapolated to the
         perigee.
     """
 
     initial_cov_scale: float = 100.0
-    beam_pipe_x0: float = 0.012
+    beam_pipe_x0: float = 0.004
 
 
 @dataclass(frozen=True)
