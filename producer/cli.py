@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("producer.sim.simulate", "generate events with ACTS (needs the 'sim' extra)"),
     "inspect": ("producer.inspect", "summarize the events of an input"),
     "reconstruct": ("worker.standalone", "run the reconstruction chain over an input in one process"),
+    "demo": ("producer.demo", "bring up a local fleet, stream events through it, summarize, shut it down"),
+    "up": ("producer.launch", "start a fleet under supervisord (broker, workers per GPU or CPU)"),
+    "status": ("producer.launch", "show the fleet's programs and the broker's queue and workers"),
+    "down": ("producer.launch", "stop the fleet started by 'trackfleet up'"),
     "validate": (
         "producer.validate",
         "measure efficiency, fake and duplicate rates against simulation truth",

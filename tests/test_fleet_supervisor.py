@@ -1,0 +1,146 @@
+"""``trackfleet up`` / ``status`` / ``down`` with a real supervisord: a worker killed with SIGKILL mid-stream
+is restarted by supervisord and no event is lost or duplicated. Config, sockets (ipc) and logs live in a
+temporary directory; ``trackfleet down`` always runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kernels.edm.packed import pack_event
+from producer.client import ClientConfig, FleetClient, PackedInput, ProducerRun, Reply, RunConfig
+from producer.io.events import iter_cells
+from producer.launch import FleetSpec, broker_stats, supervisord_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "data" / "generic-mu20"
+
+
+def small_events(det, n_cells: int = 100) -> list[PackedInput]:
+    """The bundled events cut to their first cells: cheap to reconstruct, same detector."""
+    cols = ("geometry_id", "channel0", "channel1", "activation", "time", "measurement_id")
+    out = []
+    for c in iter_cells(BUNDLED, det):
+        header, buffers = pack_event(
+            replace(c, **{k: getattr(c, k)[:n_cells] for k in cols}), det.fingerprint()
+        )
+        out.append(PackedInput(c.event_id, (header, *buffers)))
+    return out
+
+
+def trackfleet(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def test_config_has_one_program_per_gpu_with_pinned_devices(tmp_path):
+    spec = FleetSpec(run_dir=tmp_path, gpus=(0, 3), instances_per_gpu=4, detector=BUNDLED)
+    text = supervisord_config(spec)
+    assert "[program:broker]" in text and "[program:worker-gpu0]" in text and "[program:worker-gpu3]" in text
+    assert 'environment = CUDA_VISIBLE_DEVICES="3"' in text and text.count("numprocs = 4") == 2
+    assert "--backend cupy" in text and "%(process_num)d" in text and "worker-cpu" not in text
+    assert "tcp://127.0.0.1:5555" in text  # loopback unless told otherwise
+    cpu = supervisord_config(FleetSpec(run_dir=tmp_path, cpu_workers=3, detector=BUNDLED))
+    assert "[program:worker-cpu]" in cpu and "--backend numpy" in cpu and "numprocs = 3" in cpu
+    remote = supervisord_config(
+        FleetSpec(run_dir=tmp_path, gpus=(1,), run_broker=False, connect="tcp://head:5556", detector=BUNDLED)
+    )
+    assert "[program:broker]" not in remote and "--connect tcp://head:5556" in remote
+
+
+@pytest.mark.timeout(90)
+def test_up_kill_9_worker_supervisord_restarts_it_no_event_lost(tmp_path, monkeypatch):
+    from producer.io.detector import load_detector
+
+    monkeypatch.setenv("TRACKFLEET_CACHE_DIR", str(tmp_path / "cache"))
+    load_detector(BUNDLED)  # build the cache once for all workers
+    run_dir = tmp_path / "run"
+    frontend, backend = f"ipc://{tmp_path}/fe.sock", f"ipc://{tmp_path}/be.sock"
+    try:
+        up = trackfleet(
+            "up",
+            "--cpu-workers",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            "--frontend",
+            frontend,
+            "--backend",
+            backend,
+            "--detector",
+            str(BUNDLED),
+            "--broker-args=--heartbeat-ms 200",
+            "--worker-args=--heartbeat-ms 200 --simulate-compute-ms 15",
+            "--wait-s",
+            "40",
+        )
+        assert up.returncode == 0, up.stdout + up.stderr
+        status = trackfleet("status", "--run-dir", str(run_dir), "--json")
+        s = json.loads(status.stdout)
+        assert s["broker"]["n_workers"] == 2 and len(s["programs"]) == 3
+        assert all("RUNNING" in line for line in s["programs"])
+        pids_before = {w["info"]["pid"] for w in s["broker"]["workers"]}
+
+        # stream small events while one worker is killed with SIGKILL
+        events = small_events(load_detector(BUNDLED))
+        victim = sorted(pids_before)[0]
+        count, seen = 40, Counter()
+        replies: dict[int, list[Reply]] = {}
+
+        def on_reply(r: Reply) -> None:
+            replies.setdefault(r.id, []).append(r)
+            seen["n"] += 1
+            if seen["n"] == 10:
+                os.kill(victim, signal.SIGKILL)
+
+        cfg = ClientConfig(endpoint=frontend, timeout_s=20.0, heartbeat_interval_s=0.2, broker_timeout_s=1.0)
+        with FleetClient(cfg) as client:
+            summary = ProducerRun(
+                client, events, RunConfig(concurrency=6, count=count, progress=False), on_reply
+            ).run()
+        assert sorted(replies) == list(range(count)) and all(len(v) == 1 for v in replies.values())
+        assert summary.events_ok == count and summary.events_lost == 0
+
+        # supervisord brought a fresh worker process up, and it registered
+        deadline = time.monotonic() + 30
+        pids_after: set[int] = set()
+        while time.monotonic() < deadline:
+            stats = broker_stats(frontend, 1.0) or {}
+            pids_after = {w["info"]["pid"] for w in stats.get("workers", [])}
+            if len(pids_after) == 2 and victim not in pids_after:
+                break
+            time.sleep(0.2)
+        assert victim not in pids_after and len(pids_after) == 2, pids_after
+        while True:  # RUNNING once the new process has stayed up for startsecs
+            ctl = trackfleet("status", "--run-dir", str(run_dir))
+            if ctl.stdout.count("RUNNING") == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert ctl.stdout.count("RUNNING") == 3, ctl.stdout
+    finally:
+        down = trackfleet("down", "--run-dir", str(run_dir), timeout_s=90)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert (
+        not (run_dir / "supervisord.pid").exists()
+        or trackfleet("status", "--run-dir", str(run_dir)).returncode == 3
+    )
+
+
+def test_status_and_down_without_a_fleet(tmp_path):
+    assert trackfleet("status", "--run-dir", str(tmp_path)).returncode == 3
+    r = trackfleet("down", "--run-dir", str(tmp_path))
+    assert r.returncode == 0 and "no fleet" in r.stdout

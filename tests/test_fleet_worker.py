@@ -1,0 +1,171 @@
+"""Worker internals without sockets: dynamic batching in the inbox, and the engine's typed failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from broker.protocol import ErrorCode, WorkFailed, WorkResult
+from kernels.edm.cells import Cells, merge_duplicate_cells
+from kernels.edm.packed import pack_event
+from kernels.edm.packed_tracks import unpack_tracks
+from kernels.edm.tracks import Tracks
+from worker.compute import Engine, dummy_event
+from worker.config import WorkerConfig
+from worker.inbox import Inbox, JobItem
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def item(job: int, payload=(b"",)) -> JobItem:
+    return JobItem(job=job, epoch="E", attempt=1, payload=tuple(payload), received_at=time.monotonic())
+
+
+def test_inbox_takes_what_is_queued_up_to_the_batch_size():
+    box = Inbox()
+    for j in range(5):
+        box.put(item(j))
+    assert [i.job for i in box.get_batch(2, 0.0, 1.0)] == [0, 1]
+    assert [i.job for i in box.get_batch(8, 0.0, 1.0)] == [2, 3, 4]
+    assert box.get_batch(8, 0.0, 0.05) == []
+
+
+def test_inbox_waits_for_a_batch_to_fill_at_most_the_configured_time():
+    box = Inbox()
+    box.put(item(1))
+    threading.Timer(0.05, box.put, args=(item(2),)).start()
+    t0 = time.monotonic()
+    batch = box.get_batch(4, wait_s=0.3, timeout_s=1.0)
+    waited = time.monotonic() - t0
+    assert [i.job for i in batch] == [1, 2] and 0.25 < waited < 1.0  # filled to 2, then the delay ran out
+    box.put(item(3))
+    box.put(item(4))
+    t0 = time.monotonic()
+    assert (
+        len(box.get_batch(2, wait_s=5.0, timeout_s=1.0)) == 2 and time.monotonic() - t0 < 0.5
+    )  # full: no wait
+
+
+def test_inbox_close_wakes_the_consumer_and_drain_returns_the_rest():
+    box = Inbox()
+    threading.Timer(0.05, box.close).start()
+    assert box.get_batch(1, 0.0, 5.0) == []
+    box2 = Inbox()
+    box2.put(item(7))
+    assert [i.job for i in box2.drain()] == [7] and len(box2) == 0
+
+
+class FakeChain:
+    """Stands in for kernels.pipeline.Chain: one track per event; raises on event 13."""
+
+    fingerprint = "abcdef0123456789"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def reconstruct(self, cells: Cells):
+        return self.reconstruct_batch([cells])[0]
+
+    def reconstruct_batch(self, events):
+        self.batches.append(len(events))
+        if any(e.event_id == 13 for e in events):
+            raise RuntimeError("boom on event 13")
+        out = []
+        for e in events:
+            t = Tracks.empty(e.event_id)
+            t = replace(
+                t,
+                params=np.full((1, 5), float(e.size)),
+                cov=np.zeros((1, 5, 5)),
+                chi2=np.ones(1),
+                ndf=np.ones(1, np.int32),
+                n_holes=np.zeros(1, np.int32),
+                meas_offsets=np.zeros(2, np.int64),
+            )
+            out.append((t, {"clusterization": 0.001, "total": 0.002}))
+        return out
+
+
+def small_cells(event_id: int, n: int = 50) -> Cells:
+    rng = np.random.default_rng(event_id)
+    cells = Cells(
+        geometry_id=(np.uint64(1) << np.uint64(56)) + rng.integers(1, 20, n).astype(np.uint64),
+        channel0=rng.integers(0, 100, n).astype(np.int32),
+        channel1=rng.integers(0, 100, n).astype(np.int32),
+        activation=rng.random(n).astype(np.float32),
+        time=np.zeros(n, np.float32),
+        event_id=event_id,
+    )
+    return merge_duplicate_cells(cells)[0]
+
+
+@pytest.fixture
+def engine() -> Engine:
+    e = Engine(WorkerConfig(batch_max=8))
+    e.chain = FakeChain()  # type: ignore[assignment]
+    e.xp = np
+    return e
+
+
+def packed(cells: Cells, detector: str = FakeChain.fingerprint) -> tuple:
+    header, buffers = pack_event(cells, detector)
+    return (header, *buffers)
+
+
+def test_engine_turns_a_batch_into_results_and_typed_failures(engine):
+    good = small_cells(1)
+    truncated = list(packed(small_cells(2)))
+    truncated[-1] = truncated[-1][:-1]
+    items = [
+        item(1, packed(good)),
+        item(2, truncated),
+        item(3, (b"\xc1 not msgpack", b"x")),
+        item(4, packed(small_cells(4), detector="0000000000000000")),
+        item(5, packed(small_cells(5), detector="")),  # no fingerprint: accepted
+        item(6, ()),
+    ]
+    out = {m.job: m for m in engine.process(items)}
+    assert isinstance(out[1], WorkResult) and isinstance(out[5], WorkResult)
+    tracks = unpack_tracks(out[1].payload[0], out[1].payload[1:])
+    assert tracks.event_id == 1 and tracks.params[0, 0] == good.size
+    assert {"worker_queue_s", "decode_s", "clusterization_s", "chain_s", "pack_s", "worker_s"} <= set(
+        out[1].timings
+    )
+    assert (
+        isinstance(out[2], WorkFailed)
+        and out[2].code == ErrorCode.BAD_EVENT
+        and "truncated" in out[2].message
+    )
+    assert out[3].code == ErrorCode.BAD_EVENT and out[6].code == ErrorCode.BAD_EVENT
+    assert out[4].code == ErrorCode.DETECTOR_MISMATCH
+    assert engine.chain.batches == [2]  # only the two good events reached the chain, in one pass
+
+
+def test_an_event_that_breaks_the_batch_fails_alone(engine):
+    out = {m.job: m for m in engine.process([item(j, packed(small_cells(j))) for j in (11, 12, 13, 14)])}
+    assert [type(out[j]).__name__ for j in (11, 12, 13, 14)] == [
+        "WorkResult",
+        "WorkResult",
+        "WorkFailed",
+        "WorkResult",
+    ]
+    assert out[13].code == ErrorCode.RECONSTRUCTION_FAILED and "boom" in out[13].message
+
+
+def test_preload_mode_reconstructs_the_preloaded_event_under_the_requested_id(engine):
+    engine.preloaded = small_cells(99, n=30)
+    (res,) = engine.process([item(1, packed(small_cells(7, n=80)))])
+    tracks = unpack_tracks(res.payload[0], res.payload[1:])
+    assert tracks.event_id == 7 and tracks.params[0, 0] == engine.preloaded.size
+
+
+def test_dummy_event_is_sorted_and_inside_the_modules(detector):
+    ev = dummy_event(detector)
+    assert ev.size > 0 and np.all(np.diff(ev.geometry_id.astype(np.float64)) >= 0)
+    idx = np.searchsorted(np.asarray(detector.geometry_id), ev.geometry_id)
+    bins = np.asarray(detector.seg_bins)[idx]
+    assert np.all(ev.channel0 < np.maximum(bins[:, 0], 1)) and np.all(ev.channel1 < np.maximum(bins[:, 1], 1))
