@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/trackfleet inspect data/generic-mu20
+	$(VENV)/bin/trackfleet demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .
