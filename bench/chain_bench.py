@@ -66,6 +66,7 @@ def main() -> int:
         "--tracks", default=None, help="write the tracks of the first pass here and validate them"
     )
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sections", action="store_true", help="also time sections inside stages (synchronizes)")
     args = ap.parse_args()
     xp = get_namespace(args.backend)
     sources = discover(args.input)[: args.events]
@@ -74,7 +75,13 @@ def main() -> int:
     chain = Chain(xp, det, ChainConfig())
     chain.reconstruct_batch(events[:1])  # warm-up: kernel compilation, memory pool
     results = []
+    if args.sections:
+        from kernels import profiling
+
+        profiling.enable(xp)
     for batch in args.batch:
+        if args.sections:
+            profiling.TIMES.clear()
         per_event: dict[str, list[float]] = {s: [] for s in (*STAGES, "total")}
         walls = []
         for rep in range(args.repeat):
@@ -98,6 +105,10 @@ def main() -> int:
             **gpu_memory_bytes(),
             "host_rss_bytes": host_rss_bytes(),
         }
+        if args.sections:
+            n_done = len(events) * args.repeat
+            row["sections_ms_per_event"] = {k: 1e3 * v / n_done for k, v in sorted(profiling.TIMES.items())}
+            print("  sections ms/event:", {k: round(v, 2) for k, v in row["sections_ms_per_event"].items()})
         results.append(row)
         print(
             f"{args.backend} batch {batch}: {row['events_per_s']:.2f} events/s; ms/event "

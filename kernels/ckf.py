@@ -34,6 +34,7 @@ from kernels.edm.seeds import BoundParameters, Seeds
 from kernels.errors import ConfigError
 from kernels.kalman import add_scattering, chi2_gather, update
 from kernels.navigation import NavigationGrid, modules_near, next_layer
+from kernels.profiling import section
 from kernels.propagation import NEWTON_STEPS, bound_to_global, helix_at, intersect_plane, transport, turn_rate
 from kernels.segments import expand_ranges, rank_in_segment
 from kernels.xp import Array, asarray
@@ -67,6 +68,8 @@ class FindingConfig:
         min_measurements: shortest candidate kept as a track candidate (7).
         bounds_tolerance_mm: a prediction this far outside a module still searches it [mm] (0.5).
         layer_tolerance_mm: a crossing this far outside a layer's extent still visits it [mm] (10).
+        merge_duplicates: after every step keep one candidate per (event, last two measurements), the
+            one with most measurements and lowest chi^2 (True).
         material_x0_by_volume: x/X0 per layer crossing, by volume id (generic detector values).
         material_x0_default: x/X0 for volumes not listed (0.03).
     """
@@ -79,6 +82,7 @@ class FindingConfig:
     min_measurements: int = 7
     bounds_tolerance_mm: float = 0.5
     layer_tolerance_mm: float = 10.0
+    merge_duplicates: bool = True
     material_x0_by_volume: dict[int, float] = field(default_factory=lambda: dict(GENERIC_MATERIAL))
     material_x0_default: float = 0.03
 
@@ -245,6 +249,8 @@ def find_tracks(
         "holes": xp.zeros(keep.shape[0], dtype=xp.int64),
         "chi2": chi2[keep],
         "s_done": xp.zeros(keep.shape[0], dtype=xp.float64),
+        "m1": seed_meas[2][keep].astype(xp.int64),
+        "m2": seed_meas[1][keep].astype(xp.int64),
     }
     finished: list[dict[str, Array]] = []
     ctx = _Context(xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield)
@@ -253,8 +259,12 @@ def find_tracks(
     for _ in range(cfg.max_steps):
         if state["params"].shape[0] == 0:
             break
-        done, state = step(ctx, state, nodes)
+        with section("finding.step"):
+            done, state = step(ctx, state, nodes)
         finished.extend(done)
+        if state["seed"].shape[0] and cfg.merge_duplicates:
+            with section("finding.merge"):
+                state = _merge_duplicates(xp, state, meas.size)
         # at most max_branches_per_seed live candidates per seed: most measurements, then lowest chi^2
         if state["seed"].shape[0]:
             order = xp.lexsort(
@@ -267,6 +277,19 @@ def find_tracks(
     if state["params"].shape[0]:
         finished.append(state)
     return _collect(xp, nodes, finished, cfg)
+
+
+def _merge_duplicates(xp: ModuleType, state: dict[str, Array], n_meas_total: int) -> dict[str, Array]:
+    """Keep one candidate per (event, last two measurements): different seeds of one particle reach
+    the same measurements after a few layers, and following each of them would only make duplicates."""
+    key = (state["event"].astype(xp.int64) * (n_meas_total + 1) + state["m1"]) * (n_meas_total + 1) + state[
+        "m2"
+    ]
+    quality = state["chi2"] / xp.maximum(state["n_meas"], 1) - 3.0 * state["n_meas"]
+    order = xp.lexsort(xp.stack([quality, key.astype(xp.float64)]))
+    first = rank_in_segment(xp, key[order]) == 0
+    keep = xp.sort(order[first])
+    return {k: v[keep] for k, v in state.items()}
 
 
 @dataclass
@@ -365,6 +388,8 @@ class _Context:
         out["cov"][cand] = up_c
         out["module"][cand] = found.module[pair]
         out["node"][cand] = nodes.add(children["node"][cand], mi)
+        out["m2"][cand] = children["m1"][cand]
+        out["m1"][cand] = mi
         out["n_meas"][cand] += 1
         out["chi2"][cand] += up_chi
         return out
@@ -435,6 +460,8 @@ def _array_step(
         "holes": st["holes"][cand],
         "chi2": st["chi2"][cand] + up_chi,
         "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
+        "m1": mi.astype(xp.int64),
+        "m2": st["m1"][cand],
     }
     children = ctx.overlap(children, layer[cand], nodes)
     # candidates without a compatible measurement continue on their prediction at the nearest
@@ -464,6 +491,8 @@ def _array_step(
         "holes": holes,
         "chi2": st["chi2"][lost],
         "s_done": xp.where(moved, 0.0, s_layer[lost]),
+        "m1": st["m1"][lost],
+        "m2": st["m2"][lost],
     }
     too_many = holes > cfg.max_holes
     if bool(too_many.any()):
@@ -480,26 +509,27 @@ def _fused_step(
     mv0, mv1 = ctx.mv0, ctx.mv1
     k_max = cfg.max_branches_per_surface
     done: list[dict[str, Array]] = []
-    res = fused.layer_search(
-        xp,
-        det,
-        geo,
-        geo.nav,
-        st["params"],
-        st["cov"],
-        st["module"],
-        st["event"],
-        st["s_done"],
-        None,
-        0,
-        ctx.mkey,
-        meas,
-        mv0,
-        mv1,
-        cfg,
-        k_max,
-        NEWTON_STEPS,
-    )
+    with section("finding.layer_search"):
+        res = fused.layer_search(
+            xp,
+            det,
+            geo,
+            geo.nav,
+            st["params"],
+            st["cov"],
+            st["module"],
+            st["event"],
+            st["s_done"],
+            None,
+            0,
+            ctx.mkey,
+            meas,
+            mv0,
+            mv1,
+            cfg,
+            k_max,
+            NEWTON_STEPS,
+        )
     leaving = res["layer"] < 0
     if bool(leaving.any()):
         done.append({k: v[leaving] for k, v in st.items()})
@@ -532,28 +562,31 @@ def _fused_step(
         "holes": st["holes"][cand],
         "chi2": st["chi2"][cand] + up_chi,
         "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
+        "m1": mi.astype(xp.int64),
+        "m2": st["m1"][cand],
     }
     if cand.shape[0]:
-        ov = fused.layer_search(
-            xp,
-            det,
-            geo,
-            geo.nav,
-            children["params"],
-            children["cov"],
-            children["module"],
-            children["event"],
-            children["s_done"],
-            layer[cand],
-            1,
-            ctx.mkey,
-            meas,
-            mv0,
-            mv1,
-            cfg,
-            1,
-            NEWTON_STEPS,
-        )
+        with section("finding.overlap_search"):
+            ov = fused.layer_search(
+                xp,
+                det,
+                geo,
+                geo.nav,
+                children["params"],
+                children["cov"],
+                children["module"],
+                children["event"],
+                children["s_done"],
+                layer[cand],
+                1,
+                ctx.mkey,
+                meas,
+                mv0,
+                mv1,
+                cfg,
+                1,
+                NEWTON_STEPS,
+            )
         hit = xp.nonzero(ov["n_found"] > 0)[0]
         if hit.shape[0]:
             omi = ov["meas"][hit]
@@ -571,6 +604,8 @@ def _fused_step(
             children["cov"][hit] = o_c
             children["module"][hit] = ov["module"][hit]
             children["node"][hit] = nodes.add(children["node"][hit], omi)
+            children["m2"][hit] = children["m1"][hit]
+            children["m1"][hit] = omi
             children["n_meas"][hit] += 1
             children["chi2"][hit] += o_chi
     lost = xp.nonzero(n_found == 0)[0]
@@ -588,6 +623,8 @@ def _fused_step(
         "holes": holes,
         "chi2": st["chi2"][lost],
         "s_done": xp.where(moved, 0.0, s_layer[lost]),
+        "m1": st["m1"][lost],
+        "m2": st["m2"][lost],
     }
     too_many = holes > cfg.max_holes
     if bool(too_many.any()):

@@ -196,6 +196,8 @@ extern "C" __global__ void next_layer(
             s = (pos - z0) / (fabs(ct) < 1e-12 ? 1e-12 : ct);
         } else {
             double c = x0 * x0 + y0 * y0 - pos * pos;
+            // outside the cylinder and moving outwards: both crossings lie behind (skip the Newton steps)
+            if (c > 0 && b >= 0) continue;
             double disc = b * b - a * c;
             reachable = disc >= 0;
             s = (-b + sqrt(fmax(disc, 0.0))) / a;
@@ -292,6 +294,7 @@ extern "C" __global__ void layer_search(
                 s = (pos - z) / (fabs(ct) < 1e-12 ? 1e-12 : ct);
             } else {
                 double c = x * x + y * y - pos * pos;
+                if (c > 0 && b >= 0) continue;  // both crossings behind, as in next_layer
                 double disc = b * b - a * c;
                 reachable = disc >= 0;
                 s = (-b + sqrt(fmax(disc, 0.0))) / a;

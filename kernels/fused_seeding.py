@@ -24,6 +24,7 @@ from typing import Any
 
 from kernels.edm.measurements import Spacepoints
 from kernels.edm.seeds import Seeds
+from kernels.profiling import section
 from kernels.xp import Array
 
 _BLOCK = 128
@@ -373,23 +374,24 @@ def find_seeds(
     counts = []
     for top in (0, 1):
         count = xp.zeros(n_mid * n_layers, dtype=xp.int32)
-        _launch(
-            "doublets",
-            n_mid * n_layers,
-            (
-                *grid_args,
-                mids,
-                xp.int32(n_mid),
-                xp.int32(top),
-                cfgv,
-                xp.int32(0),
-                count,
-                d_l,
-                d_i,
-                d_l,
-                *(d_d,) * 6,
-            ),
-        )
+        with section("seeding.doublets_count"):
+            _launch(
+                "doublets",
+                n_mid * n_layers,
+                (
+                    *grid_args,
+                    mids,
+                    xp.int32(n_mid),
+                    xp.int32(top),
+                    cfgv,
+                    xp.int32(0),
+                    count,
+                    d_l,
+                    d_i,
+                    d_l,
+                    *(d_d,) * 6,
+                ),
+            )
         counts.append(count)
     work = (counts[0] + counts[1]).reshape(n_mid, n_layers).sum(axis=1, dtype=xp.int64)
     cum = xp.cumsum(work)
@@ -461,28 +463,29 @@ def _chunk(
             "other": xp.empty(total, xp.int64),
             **{k: xp.empty(total, f64) for k in ("cot", "z0", "u", "v", "er", "inv_dr")},
         }
-        _launch(
-            "doublets",
-            n_mid * n_layers,
-            (
-                *grid_args,
-                mids,
-                xp.int32(n_mid),
-                xp.int32(top),
-                cfgv,
-                xp.int32(1),
-                count,
-                off,
-                d["middle"],
-                d["other"],
-                d["cot"],
-                d["z0"],
-                d["u"],
-                d["v"],
-                d["er"],
-                d["inv_dr"],
-            ),
-        )
+        with section("seeding.doublets_fill"):
+            _launch(
+                "doublets",
+                n_mid * n_layers,
+                (
+                    *grid_args,
+                    mids,
+                    xp.int32(n_mid),
+                    xp.int32(top),
+                    cfgv,
+                    xp.int32(1),
+                    count,
+                    off,
+                    d["middle"],
+                    d["other"],
+                    d["cot"],
+                    d["z0"],
+                    d["u"],
+                    d["v"],
+                    d["er"],
+                    d["inv_dr"],
+                ),
+            )
         # doublets are grouped by middle: a middle's range starts at its first layer's offset
         sides.append((d, xp.ascontiguousarray(off[::n_layers])))
     (bot, bot_off), (top, top_off) = sides
@@ -511,52 +514,56 @@ def _chunk(
     )
     tcount = xp.zeros(n_bot, dtype=xp.int32)
     d_l, d_d = xp.zeros(1, xp.int64), xp.zeros(1, f64)
-    _launch("triplets", n_bot, (*targs, xp.int32(0), tcount, d_l, d_l, d_l, d_d, d_d, d_d))
+    with section("seeding.triplets_count"):
+        _launch("triplets", n_bot, (*targs, xp.int32(0), tcount, d_l, d_l, d_l, d_d, d_d, d_d))
     trip_off, n_trip = _exclusive(xp, tcount)
     if n_trip == 0:
         return None
     tr_bot, tr_top = xp.empty(n_trip, xp.int64), xp.empty(n_trip, xp.int64)
     curv, impact, chi = (xp.empty(n_trip, f64) for _ in range(3))
-    _launch("triplets", n_bot, (*targs, xp.int32(1), tcount, trip_off, tr_bot, tr_top, curv, impact, chi))
+    with section("seeding.triplets_fill"):
+        _launch("triplets", n_bot, (*targs, xp.int32(1), tcount, trip_off, tr_bot, tr_top, curv, impact, chi))
     weight = xp.empty(n_trip, f64)
-    _launch(
-        "compat",
-        n_trip,
-        (
-            tr_bot,
-            tr_top,
-            curv,
-            impact,
-            xp.int32(n_trip),
-            trip_off,
-            bot["other"],
-            top["other"],
-            top["cot"],
-            x,
-            y,
-            r,
-            var_r,
-            cfgv,
-            weight,
-        ),
-    )
+    with section("seeding.compat"):
+        _launch(
+            "compat",
+            n_trip,
+            (
+                tr_bot,
+                tr_top,
+                curv,
+                impact,
+                xp.int32(n_trip),
+                trip_off,
+                bot["other"],
+                top["other"],
+                top["cot"],
+                x,
+                y,
+                r,
+                var_r,
+                cfgv,
+                weight,
+            ),
+        )
     keep = xp.zeros(n_trip, dtype=xp.bool_)
     mid_trip_off = xp.ascontiguousarray(trip_off[bot_off])
-    _launch(
-        "select_seeds",
-        n_mid,
-        (
-            mid_trip_off,
-            weight,
-            chi,
-            impact,
-            xp.int32(n_mid),
-            xp.int32(min(cfg.max_seeds_per_middle, 16)),
-            xp.int32(min(cfg.max_aligned_seeds_per_middle, 16)),
-            xp.float64(cfg.impact_max_mm),
-            keep,
-        ),
-    )
+    with section("seeding.select"):
+        _launch(
+            "select_seeds",
+            n_mid,
+            (
+                mid_trip_off,
+                weight,
+                chi,
+                impact,
+                xp.int32(n_mid),
+                xp.int32(min(cfg.max_seeds_per_middle, 16)),
+                xp.int32(min(cfg.max_aligned_seeds_per_middle, 16)),
+                xp.float64(cfg.impact_max_mm),
+                keep,
+            ),
+        )
     k = xp.nonzero(keep)[0]
     return (
         bot["other"][tr_bot[k]],

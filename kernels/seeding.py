@@ -31,6 +31,7 @@ from kernels.detector import LAYER_DISC, Detector
 from kernels.edm.measurements import Spacepoints
 from kernels.edm.seeds import Seeds
 from kernels.errors import ConfigError
+from kernels.profiling import section
 from kernels.segments import expand_ranges, rank_in_segment
 from kernels.xp import Array, asarray, scatter_add
 
@@ -456,7 +457,8 @@ def find_seeds(
     if sel.shape[0] < 3:
         return empty
     n_phi = max(1, round(2 * math.pi / cfg.phi_bin_width_rad))
-    grid = _grid(xp, sp, geo, sel, n_phi)
+    with section("seeding.grid"):
+        grid = _grid(xp, sp, geo, sel, n_phi)
     middles = sel
     if fused.enabled(xp):
         return fused_seeding.find_seeds(
