@@ -1,0 +1,322 @@
+"""KServe v2 REST front end with the binary tensor data extension, on the standard library's HTTP server.
+
+Endpoints (``{m}`` the model name; ``/versions/{v}`` may follow it):
+
+- ``GET /v2`` server metadata; ``GET /v2/health/live``, ``/v2/health/ready``
+- ``GET /v2/models/{m}`` metadata, ``/ready``, ``/config``, ``/stats``; ``GET /v2/models/stats``
+- ``POST /v2/models/{m}/infer``: JSON request, or a JSON header of ``Inference-Header-Content-Length``
+  bytes followed by the inputs' raw little-endian data (``parameters.binary_data_size`` per input, in
+  input order). Outputs come back as binary data when the request asks for it (``binary_data`` per
+  output, ``binary_data_output`` for all), otherwise as JSON ``data``.
+- ``POST /v2/repository/index``
+
+Errors are ``{"error": "..."}`` with a status code: 400 bad request, 404 unknown model or path, 411 no
+length, 413 too large, 503 not ready / too busy, 504 fleet timeout, 500 internal. A body above the limit
+is refused from its ``Content-Length`` without being read (before ``100 Continue`` when the client
+asks for it), and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from producer.gateway.model import InferError, RawInput, Status
+from producer.gateway.service import Gateway, InferResult
+
+log = logging.getLogger(__name__)
+
+_MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/[a-z]+)?$")
+_DRAIN_BYTES = 256 * 2**20  # an oversized body up to this much beyond the limit is read and dropped
+
+
+class GatewayHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP/1.1 server bound to one :class:`Gateway`.
+
+    Args:
+        address: (host, port); port 0 picks a free one (see :attr:`port`).
+        gateway: the model to serve.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], gateway: Gateway) -> None:
+        self.gateway = gateway
+        super().__init__(address, _Handler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "trackfleet-gateway"
+    timeout = 600  # idle keep-alive connections are closed after this long [s]
+    server: GatewayHTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    # --- plumbing -------------------------------------------------------------------------------------
+
+    def _send(
+        self, status: int, body: list[Any], content_type: str, extra: dict[str, str] | None = None
+    ) -> None:
+        length = sum(memoryview(b).nbytes for b in body)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            for b in body:
+                self.wfile.write(b)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, [json.dumps(obj, separators=(",", ":")).encode()], "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _length(self) -> int | None:
+        """The request body's length; answers 411 / 413 itself (and returns None)."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._error(411, "chunked request bodies are not supported; send Content-Length")
+            return None
+        text = self.headers.get("Content-Length", "0")
+        try:
+            n = int(text)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            self._error(400, f"bad Content-Length {text!r}")
+            return None
+        limit = self.server.gateway.config.max_request_bytes
+        if n > limit:
+            # read (and drop) a body of sane size so that the client, still sending, gets the answer
+            if n <= limit + _DRAIN_BYTES:
+                self._drain(n)
+            self.close_connection = True
+            self._error(413, f"request of {n} bytes exceeds the gateway's limit of {limit} bytes")
+            return None
+        return n
+
+    def _drain(self, n: int) -> None:
+        while n > 0:
+            chunk = self.rfile.read(min(n, 2**20))
+            if not chunk:
+                return
+            n -= len(chunk)
+
+    def handle_expect_100(self) -> bool:
+        # refuse an oversized body before the client sends it
+        length = self.headers.get("Content-Length")
+        try:
+            too_big = length is not None and int(length) > self.server.gateway.config.max_request_bytes
+        except ValueError:
+            too_big = False
+        if too_big:
+            self.close_connection = True
+            self._error(413, f"request of {length} bytes exceeds the gateway's limit")
+            return False
+        return super().handle_expect_100()
+
+    def _route(self, method: str) -> None:
+        try:
+            self._dispatch(method)
+        except InferError as exc:
+            self._error(exc.status.http, str(exc))
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as exc:  # a bug must cost one request, not the server
+            log.exception("HTTP %s %s failed", method, self.path)
+            try:
+                self._error(500, f"internal error: {type(exc).__name__}: {exc}")
+            except OSError:
+                self.close_connection = True
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_HEAD(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def do_PUT(self) -> None:
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:
+        self._route("DELETE")
+
+    # --- endpoints ------------------------------------------------------------------------------------
+
+    def _dispatch(self, method: str) -> None:
+        gw = self.server.gateway
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if method == "POST":
+            n = self._length()
+            if n is None:
+                return
+            body = self.rfile.read(n) if n else b""
+            if len(body) != n:
+                self.close_connection = True
+                return
+        elif method != "GET":
+            self.close_connection = True  # a body we do not read may follow
+            raise InferError(f"method {method} is not supported on {path}", Status.NOT_FOUND)
+        if method == "GET" and path == "/v2":
+            return self._json(200, gw.server_metadata())
+        if method == "GET" and path == "/v2/health/live":
+            return self._send(200 if gw.live else 503, [], "text/plain")
+        if method == "GET" and path == "/v2/health/ready":
+            return self._send(200 if gw.ready else 503, [], "text/plain")
+        if method == "GET" and path == "/v2/models/stats":
+            return self._json(200, gw.model_statistics())
+        if method == "POST" and path == "/v2/repository/index":
+            return self._json(200, gw.repository_index())
+        m = _MODEL.match(path)
+        if m is None:
+            raise InferError(f"no endpoint {method} {path}", Status.NOT_FOUND)
+        name, version, rest = m["name"], m["version"] or "", m["rest"] or ""
+        if method == "GET" and rest == "":
+            return self._json(200, gw.model_metadata(name, version))
+        if method == "GET" and rest == "/ready":
+            return self._send(200 if gw.model_ready(name, version) else 503, [], "text/plain")
+        if method == "GET" and rest == "/config":
+            return self._json(200, gw.model_config(name, version))
+        if method == "GET" and rest == "/stats":
+            return self._json(200, gw.model_statistics(name, version))
+        if method == "POST" and rest == "/infer":
+            return self._infer(name, version, body)
+        raise InferError(f"no endpoint {method} {path}", Status.NOT_FOUND)
+
+    def _infer(self, name: str, version: str, body: bytes) -> None:
+        started = time.perf_counter()
+        gw = self.server.gateway
+        gw.check_model(name, version)
+        if self.headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise InferError(f"Content-Encoding {self.headers.get('Content-Encoding')!r} is not supported")
+        request, binary = _split_body(body, self.headers.get("Inference-Header-Content-Length"))
+        inputs, outputs, binary_all, request_id = _parse_request(request, binary)
+        result = gw.infer(
+            name, version, inputs, [o for o, _ in outputs] or None, request_id=request_id, started=started
+        )
+        binary_of = dict(outputs)
+        self._respond(name, result, lambda o: binary_of.get(o, binary_all))
+
+    def _respond(self, name: str, result: InferResult, is_binary: Any) -> None:
+        header: dict[str, Any] = {"model_name": name, "model_version": "1"}
+        if result.request_id:
+            header["id"] = result.request_id
+        outs, blobs = [], []
+        for spec, arr in result.outputs:
+            entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape)}
+            if is_binary(spec.name):
+                blob = memoryview(arr).cast("B") if arr.size else b""
+                entry["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                entry["data"] = arr.reshape(-1).tolist()
+            outs.append(entry)
+        header["outputs"] = outs
+        head = json.dumps(header, separators=(",", ":")).encode()
+        if blobs:
+            self._send(
+                200,
+                [head, *blobs],
+                "application/octet-stream",
+                {"Inference-Header-Content-Length": str(len(head))},
+            )
+        else:
+            self._send(200, [head], "application/json")
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """The request's JSON header and the binary data after it."""
+    if header_length is None:
+        n = len(body)
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise InferError(f"bad Inference-Header-Content-Length {header_length!r}") from None
+        if not 0 <= n <= len(body):
+            raise InferError(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
+    mv = memoryview(body)
+    try:
+        request = json.loads(bytes(mv[:n]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InferError(f"the inference request header is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise InferError("the inference request must be a JSON object")
+    return request, mv[n:]
+
+
+def _params(obj: dict[str, Any], what: str) -> dict[str, Any]:
+    p = obj.get("parameters", {})
+    if not isinstance(p, dict):
+        raise InferError(f"{what}: 'parameters' must be an object")
+    return p
+
+
+def _parse_request(
+    request: dict[str, Any], binary: memoryview
+) -> tuple[list[RawInput], list[tuple[str, bool]], bool, str]:
+    """Inputs, requested outputs (name, binary?), the default for unnamed outputs, and the request id."""
+    request_id = request.get("id", "")
+    if not isinstance(request_id, str):
+        raise InferError("'id' must be a string")
+    binary_all = bool(_params(request, "request").get("binary_data_output", False))
+    raw_inputs = request.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InferError("the request must list its 'inputs'")
+    inputs: list[RawInput] = []
+    offset = 0
+    for i, t in enumerate(raw_inputs):
+        if not isinstance(t, dict):
+            raise InferError(f"input {i} must be an object")
+        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise InferError(f"input {i} needs a string 'name' and 'datatype'")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise InferError(f"input '{name}': 'shape' must be a list of integers")
+        size = _params(t, f"input '{name}'").get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+                raise InferError(
+                    f"input '{name}': binary_data_size {size!r} does not fit the {len(binary) - offset} "
+                    "bytes left in the request"
+                )
+            inputs.append(RawInput(name, datatype, tuple(shape), data=binary[offset : offset + size]))
+            offset += size
+        elif "data" in t:
+            inputs.append(RawInput(name, datatype, tuple(shape), values=t["data"]))
+        else:
+            raise InferError(f"input '{name}' has neither 'data' nor binary_data_size")
+    if offset != len(binary):
+        raise InferError(f"{len(binary) - offset} bytes of binary data belong to no input")
+    outputs: list[tuple[str, bool]] = []
+    raw_outputs = request.get("outputs", [])
+    if not isinstance(raw_outputs, list):
+        raise InferError("'outputs' must be a list")
+    for i, o in enumerate(raw_outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InferError(f"output {i} needs a string 'name'")
+        outputs.append((o["name"], bool(_params(o, f"output '{o['name']}'").get("binary_data", binary_all))))
+    return inputs, outputs, binary_all, request_id

@@ -1,0 +1,444 @@
+"""The ``trackfleet`` model as KServe v2 sees it: tensor specification, metadata, config, conversions.
+
+Nothing here does I/O. The HTTP and gRPC front ends turn their wire forms into :class:`RawInput` objects,
+:func:`decode_inputs` checks them against :data:`INPUTS` and :func:`cells_from_inputs` makes the event's
+:class:`~kernels.edm.cells.Cells` (sorted and merged exactly as ``trackfleet reconstruct`` reads them);
+:func:`outputs_from_tracks` maps the tracks a worker returned to :data:`OUTPUTS`.
+
+Inputs (``max_batch_size: 0``: one request is one event; ``-1`` marks a variable dimension)
+
+=============  ======  ======  ==========================================================================
+name           type    shape   content
+=============  ======  ======  ==========================================================================
+GEOMETRY_ID    UINT64  [n]     ACTS geometry id of each cell's module
+CHANNEL0       INT32   [n]     bin index along local u (>= 0)
+CHANNEL1       INT32   [n]     bin index along local v (>= 0; 0 on strips)
+VALUE          FP32    [n]     deposited charge (``value`` of the cells CSV)
+TIMESTAMP      FP32    [n]     time [ns]; optional, zeros when absent (as the CSV reader does)
+EVENT_ID       UINT64  [1]     optional event number (< 2^63), echoed in the logs; default 0
+TRUTH_ID       INT64   [n]     optional truth measurement id per cell, carried to MEASUREMENT_TRUTH_ID
+=============  ======  ======  ==========================================================================
+
+Cells may come in any order and may repeat (same module and channels): they are sorted by (geometry_id,
+channel1, channel0) and duplicates summed, as traccc's reader does; sorted, duplicate-free input skips
+that step.
+
+Outputs (T tracks, M measurements on tracks)
+
+======================= ====== ========= ================================================================
+name                    type   shape     content
+======================= ====== ========= ================================================================
+TRACK_PARAMS            FP64   [T, 5]    perigee d0 [mm], z0 [mm], phi [rad], theta [rad], q/p [e/GeV]
+TRACK_COV               FP64   [T, 5, 5] covariance of TRACK_PARAMS
+TRACK_CHI2              FP64   [T]       fit chi^2
+TRACK_NDF               INT32  [T]       fit degrees of freedom
+TRACK_N_HOLES           INT32  [T]       crossed sensitive surfaces without a measurement
+TRACK_LENGTH            INT32  [T]       measurements per track: track t owns the next TRACK_LENGTH[t]
+                                         rows of the MEASUREMENT* outputs
+MEASUREMENTS            FP64   [M, 2]    local0, local1 [mm] of each measurement, inside out per track
+MEASUREMENT_GEOMETRY_ID UINT64 [M]       module of each measurement
+MEASUREMENT_DIMENSION   INT8   [M]       1 (strip) or 2 (pixel)
+MEASUREMENT_TRUTH_ID    INT64  [M]       TRUTH_ID of the measurement's first cell; -1 when not given
+======================= ====== ========= ================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from kernels.edm.cells import (
+    CHANNEL_DTYPE,
+    GEOMETRY_DTYPE,
+    TRUTH_DTYPE,
+    VALUE_DTYPE,
+    Cells,
+    merge_duplicate_cells,
+)
+from kernels.edm.packed import MAX_CELLS
+from kernels.edm.tracks import Tracks
+
+#: The only version of the model; KServe versions are strings of digits.
+MODEL_VERSION = "1"
+#: Largest event id (the fleet's ids are non-negative 63-bit integers).
+MAX_EVENT_ID = 2**63 - 1
+
+
+class Status(Enum):
+    """Error classes of the KServe protocols: (HTTP status, gRPC status code name)."""
+
+    INVALID_ARGUMENT = (400, "INVALID_ARGUMENT")
+    NOT_FOUND = (404, "NOT_FOUND")
+    TOO_LARGE = (413, "RESOURCE_EXHAUSTED")
+    INTERNAL = (500, "INTERNAL")
+    UNIMPLEMENTED = (501, "UNIMPLEMENTED")
+    UNAVAILABLE = (503, "UNAVAILABLE")
+    DEADLINE_EXCEEDED = (504, "DEADLINE_EXCEEDED")
+
+    @property
+    def http(self) -> int:
+        return self.value[0]
+
+    @property
+    def grpc(self) -> str:
+        return self.value[1]
+
+
+class InferError(Exception):
+    """A request the gateway answers with a KServe error (HTTP ``{"error": message}``, gRPC status).
+
+    Attributes:
+        status: the error class.
+    """
+
+    def __init__(self, message: str, status: Status = Status.INVALID_ARGUMENT) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the model.
+
+    Attributes:
+        name: tensor name. datatype: KServe datatype. shape: dimensions, -1 where variable.
+        doc: what it holds (units). optional: inputs only: may be left out.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    doc: str
+    optional: bool = False
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(DATATYPES[self.datatype]).newbyteorder("<")
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def config(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "data_type": f"TYPE_{self.datatype}",
+            "dims": list(self.shape),
+        }
+        if self.optional:
+            entry["optional"] = True
+        return entry
+
+
+#: KServe datatype -> numpy dtype (little endian on the wire).
+DATATYPES: dict[str, str] = {
+    "BOOL": "?",
+    "UINT8": "u1",
+    "UINT16": "u2",
+    "UINT32": "u4",
+    "UINT64": "u8",
+    "INT8": "i1",
+    "INT16": "i2",
+    "INT32": "i4",
+    "INT64": "i8",
+    "FP16": "f2",
+    "FP32": "f4",
+    "FP64": "f8",
+}
+
+_N = -1  # a variable dimension
+
+INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("GEOMETRY_ID", "UINT64", (_N,), "ACTS geometry id of each cell's module"),
+    TensorSpec("CHANNEL0", "INT32", (_N,), "bin index along local u (>= 0)"),
+    TensorSpec("CHANNEL1", "INT32", (_N,), "bin index along local v (>= 0; 0 on strip modules)"),
+    TensorSpec("VALUE", "FP32", (_N,), "deposited charge per cell (the cells CSV's value)"),
+    TensorSpec("TIMESTAMP", "FP32", (_N,), "time per cell [ns]; zeros when absent", optional=True),
+    TensorSpec("EVENT_ID", "UINT64", (1,), "event number (< 2^63); 0 when absent", optional=True),
+    TensorSpec(
+        "TRUTH_ID", "INT64", (_N,), "truth measurement id per cell, carried to the output", optional=True
+    ),
+)
+OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("TRACK_PARAMS", "FP64", (_N, 5), "perigee d0, z0 [mm], phi, theta [rad], q/p [e/GeV]"),
+    TensorSpec("TRACK_COV", "FP64", (_N, 5, 5), "covariance of TRACK_PARAMS"),
+    TensorSpec("TRACK_CHI2", "FP64", (_N,), "fit chi^2"),
+    TensorSpec("TRACK_NDF", "INT32", (_N,), "fit degrees of freedom"),
+    TensorSpec("TRACK_N_HOLES", "INT32", (_N,), "crossed sensitive surfaces without a measurement"),
+    TensorSpec("TRACK_LENGTH", "INT32", (_N,), "measurements per track (rows of the MEASUREMENT* outputs)"),
+    TensorSpec("MEASUREMENTS", "FP64", (_N, 2), "local0, local1 [mm] per measurement, inside out per track"),
+    TensorSpec("MEASUREMENT_GEOMETRY_ID", "UINT64", (_N,), "module of each measurement"),
+    TensorSpec("MEASUREMENT_DIMENSION", "INT8", (_N,), "1 (strip) or 2 (pixel)"),
+    TensorSpec("MEASUREMENT_TRUTH_ID", "INT64", (_N,), "TRUTH_ID of the measurement; -1 when not given"),
+)
+INPUT_BY_NAME = {t.name: t for t in INPUTS}
+OUTPUT_BY_NAME = {t.name: t for t in OUTPUTS}
+_CELL_INPUTS = ("GEOMETRY_ID", "CHANNEL0", "CHANNEL1", "VALUE", "TIMESTAMP", "TRUTH_ID")
+
+
+# --- metadata and configuration ---------------------------------------------------------------------
+
+
+def model_metadata(name: str) -> dict[str, Any]:
+    """KServe model metadata (``GET /v2/models/{name}``)."""
+    return {
+        "name": name,
+        "versions": [MODEL_VERSION],
+        "platform": "trackfleet",
+        "inputs": [t.metadata() for t in INPUTS],
+        "outputs": [t.metadata() for t in OUTPUTS],
+    }
+
+
+def model_config(name: str, parameters: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Triton's model configuration, as JSON with the protobuf field names (``GET .../config``).
+
+    ``max_batch_size: 0`` with variable ``dims``: a request carries one event of any size, and clients
+    such as perf_analyzer take each request's shapes from their input data.
+    """
+    return {
+        "name": name,
+        "platform": "trackfleet",
+        "backend": "trackfleet",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": 0,
+        "input": [t.config() for t in INPUTS],
+        "output": [t.config() for t in OUTPUTS],
+        "parameters": {k: {"string_value": v} for k, v in (parameters or {}).items()},
+    }
+
+
+# --- requests ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """One input tensor as a front end received it, not yet checked.
+
+    Attributes:
+        name / datatype / shape: as the client declared them.
+        data: raw little-endian bytes (binary extension, gRPC raw contents), or
+        values: a (possibly nested) list of numbers (JSON ``data``, gRPC typed contents).
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: Any = None
+    values: Any = None
+
+
+def _check_shape(spec: TensorSpec, shape: Sequence[int]) -> None:
+    if len(shape) != len(spec.shape) or any(
+        (not isinstance(d, int)) or d < 0 or (s != _N and d != s)
+        for d, s in zip(shape, spec.shape, strict=False)
+    ):
+        raise InferError(
+            f"input '{spec.name}': shape {list(shape)} does not match the model's {list(spec.shape)}"
+        )
+
+
+def decode_input(raw: RawInput) -> np.ndarray:
+    """Check one input against its spec and return it as a 1-D or shaped numpy array (zero-copy for raw data).
+
+    Raises:
+        InferError: unknown name, wrong datatype, wrong shape, wrong byte size or unconvertible values.
+    """
+    spec = INPUT_BY_NAME.get(raw.name)
+    if spec is None:
+        raise InferError(f"unexpected inference input '{raw.name}' for model; expected {list(INPUT_BY_NAME)}")
+    if raw.datatype != spec.datatype:
+        raise InferError(
+            f"input '{spec.name}': datatype {raw.datatype!r} does not match the model's {spec.datatype!r}"
+        )
+    _check_shape(spec, raw.shape)
+    count = math.prod(raw.shape)
+    dt = spec.dtype
+    if raw.data is not None:
+        mv = memoryview(raw.data).cast("B")
+        if mv.nbytes != count * dt.itemsize:
+            raise InferError(
+                f"input '{spec.name}': {mv.nbytes} bytes of data for shape {list(raw.shape)} of "
+                f"{spec.datatype} (expected {count * dt.itemsize})"
+            )
+        arr = np.frombuffer(mv, dtype=dt)
+    else:
+        if raw.values is None:
+            raise InferError(f"input '{spec.name}' carries no data")
+        try:
+            arr = np.asarray(raw.values, dtype=dt).reshape(-1)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InferError(f"input '{spec.name}': values are not {spec.datatype}: {exc}") from None
+        if arr.size != count:
+            raise InferError(
+                f"input '{spec.name}': {arr.size} values for shape {list(raw.shape)} (expected {count})"
+            )
+    return arr.reshape(raw.shape)
+
+
+def decode_inputs(raws: Sequence[RawInput]) -> dict[str, np.ndarray]:
+    """Check a request's inputs: every required input once, nothing unknown, consistent cell counts.
+
+    Raises:
+        InferError: naming the problem.
+    """
+    out: dict[str, np.ndarray] = {}
+    for raw in raws:
+        if raw.name in out:
+            raise InferError(f"input '{raw.name}' is given more than once")
+        out[raw.name] = decode_input(raw)
+    missing = [t.name for t in INPUTS if not t.optional and t.name not in out]
+    if missing:
+        raise InferError(f"expected {len(INPUTS)} inputs; missing required input(s) {missing}")
+    n = {name: out[name].shape[0] for name in _CELL_INPUTS if name in out}
+    if len(set(n.values())) > 1:
+        raise InferError(f"the per-cell inputs differ in length: {n}")
+    return out
+
+
+def _sorted_unique(g: np.ndarray, c1: np.ndarray, c0: np.ndarray) -> bool:
+    """True when cells are strictly increasing in (geometry_id, channel1, channel0): no sort, no merge."""
+    if g.shape[0] < 2:
+        return True
+    dg = g[1:] != g[:-1]
+    if np.any(g[1:] < g[:-1]):
+        return False
+    same_g = ~dg
+    d1 = c1[1:].astype(np.int64) - c1[:-1]
+    if np.any(same_g & (d1 < 0)):
+        return False
+    d0 = c0[1:].astype(np.int64) - c0[:-1]
+    return not np.any(same_g & (d1 == 0) & (d0 <= 0))
+
+
+def cells_from_inputs(
+    tensors: Mapping[str, np.ndarray], detector: Any = None, max_cells: int = MAX_CELLS
+) -> Cells:
+    """The event's cells, sorted and merged as ``trackfleet reconstruct`` reads a cells file.
+
+    Args:
+        tensors: checked inputs (:func:`decode_inputs`).
+        detector: when given, geometry ids must be sensitive modules and channels inside their segmentation.
+        max_cells: cells accepted in one request.
+
+    Raises:
+        InferError: negative channels, non-finite values, too many cells, an event id >= 2^63, cells
+            that do not fit the detector.
+    """
+    g = tensors["GEOMETRY_ID"]
+    n = int(g.shape[0])
+    if n > max_cells:
+        raise InferError(f"{n} cells exceed the limit of {max_cells} per request", Status.TOO_LARGE)
+    c0, c1 = tensors["CHANNEL0"], tensors["CHANNEL1"]
+    for name, c in (("CHANNEL0", c0), ("CHANNEL1", c1)):
+        if n and int(c.min()) < 0:
+            raise InferError(f"input '{name}' holds a negative channel ({int(c.min())})")
+    value = tensors["VALUE"]
+    ts = tensors.get("TIMESTAMP")
+    for name, v in (("VALUE", value), ("TIMESTAMP", ts)):
+        if v is not None and n and not bool(np.isfinite(v).all()):
+            raise InferError(f"input '{name}' holds values that are not finite")
+    event_id = 0
+    if "EVENT_ID" in tensors:
+        event_id = int(tensors["EVENT_ID"].reshape(-1)[0])
+        if event_id > MAX_EVENT_ID:
+            raise InferError(f"EVENT_ID {event_id} is not below 2^63")
+    truth = tensors.get("TRUTH_ID")
+    if detector is not None and n:
+        _check_detector(detector, g, c0, c1)
+    cells = Cells(
+        geometry_id=g.astype(GEOMETRY_DTYPE, copy=False),
+        channel0=c0.astype(CHANNEL_DTYPE, copy=False),
+        channel1=c1.astype(CHANNEL_DTYPE, copy=False),
+        activation=value.astype(VALUE_DTYPE, copy=False),
+        time=ts.astype(VALUE_DTYPE, copy=False) if ts is not None else np.zeros(n, VALUE_DTYPE),
+        measurement_id=truth.astype(TRUTH_DTYPE, copy=False) if truth is not None else None,
+        event_id=event_id,
+    )
+    if _sorted_unique(cells.geometry_id, cells.channel1, cells.channel0):
+        return cells
+    merged, _ = merge_duplicate_cells(cells)
+    return merged
+
+
+def _check_detector(detector: Any, g: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> None:
+    module = np.asarray(detector.module_index(np, g))
+    unknown = np.flatnonzero(module < 0)
+    if unknown.size:
+        raise InferError(
+            f"GEOMETRY_ID {int(g[unknown[0]])} is not a sensitive module of the detector "
+            f"({unknown.size} such cells)"
+        )
+    bins = np.asarray(detector.seg_bins)[module]
+    for axis, (name, c) in enumerate((("CHANNEL0", c0), ("CHANNEL1", c1))):
+        out = np.flatnonzero(c >= bins[:, axis])
+        if out.size:
+            k = int(out[0])
+            raise InferError(
+                f"input '{name}': channel {int(c[k])} outside the module's {int(bins[k, axis])} bins "
+                f"(GEOMETRY_ID {int(g[k])})"
+            )
+
+
+# --- responses --------------------------------------------------------------------------------------
+
+
+def outputs_from_tracks(
+    tracks: Tracks, requested: Sequence[str] | None = None
+) -> list[tuple[TensorSpec, np.ndarray]]:
+    """The model's outputs (all, or the ``requested`` ones in that order) as contiguous little-endian arrays.
+
+    Dtypes are widened where the chain produced narrower ones (float32 -> FP64), which is exact.
+
+    Raises:
+        InferError: a requested output does not exist.
+    """
+    t = tracks
+    names = list(requested) if requested else [o.name for o in OUTPUTS]
+    unknown = [n for n in names if n not in OUTPUT_BY_NAME]
+    if unknown:
+        raise InferError(f"unexpected inference output(s) {unknown}; the model has {list(OUTPUT_BY_NAME)}")
+    columns = {
+        "TRACK_PARAMS": lambda: t.params,
+        "TRACK_COV": lambda: t.cov,
+        "TRACK_CHI2": lambda: t.chi2,
+        "TRACK_NDF": lambda: t.ndf,
+        "TRACK_N_HOLES": lambda: t.n_holes,
+        "TRACK_LENGTH": lambda: np.diff(np.asarray(t.meas_offsets)),
+        "MEASUREMENTS": lambda: np.stack([np.asarray(t.meas_local0), np.asarray(t.meas_local1)], axis=1),
+        "MEASUREMENT_GEOMETRY_ID": lambda: t.meas_geometry_id,
+        "MEASUREMENT_DIMENSION": lambda: t.meas_dimension,
+        "MEASUREMENT_TRUTH_ID": lambda: t.meas_truth_id,
+    }
+    out = []
+    for name in names:
+        spec = OUTPUT_BY_NAME[name]
+        arr = np.ascontiguousarray(np.asarray(columns[name]()), dtype=spec.dtype)
+        out.append((spec, arr))
+    return out
+
+
+def tracks_from_outputs(outputs: Mapping[str, np.ndarray], event_id: int = 0) -> Tracks:
+    """Inverse of :func:`outputs_from_tracks` (for clients and tests): all outputs back into :class:`Tracks`."""
+    length = np.asarray(outputs["TRACK_LENGTH"], dtype=np.int64)
+    offsets = np.zeros(length.shape[0] + 1, np.int64)
+    np.cumsum(length, out=offsets[1:])
+    meas = np.asarray(outputs["MEASUREMENTS"]).reshape(-1, 2)
+    return Tracks(
+        params=np.asarray(outputs["TRACK_PARAMS"]).reshape(-1, 5),
+        cov=np.asarray(outputs["TRACK_COV"]).reshape(-1, 5, 5),
+        chi2=np.asarray(outputs["TRACK_CHI2"]),
+        ndf=np.asarray(outputs["TRACK_NDF"]),
+        n_holes=np.asarray(outputs["TRACK_N_HOLES"]),
+        meas_offsets=offsets,
+        meas_geometry_id=np.asarray(outputs["MEASUREMENT_GEOMETRY_ID"]),
+        meas_local0=np.ascontiguousarray(meas[:, 0]),
+        meas_local1=np.ascontiguousarray(meas[:, 1]),
+        meas_dimension=np.asarray(outputs["MEASUREMENT_DIMENSION"]),
+        meas_truth_id=np.asarray(outputs["MEASUREMENT_TRUTH_ID"]),
+        event_id=event_id,
+    )

@@ -1,0 +1,257 @@
+"""The protocol-independent core of the gateway: one model, served by the fleet behind a broker.
+
+The HTTP and gRPC front ends parse their wire forms, call :class:`Gateway` and render what it returns or
+the :class:`~producer.gateway.model.InferError` it raises; neither holds state of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from broker.protocol import ErrorCode
+from kernels.edm.packed import MAX_CELLS, pack_event
+from kernels.edm.packed_tracks import unpack_tracks
+from kernels.errors import EventFormatError
+from producer.client import ClientConfig
+from producer.gateway.bridge import BridgeConfig, BrokerBridge
+from producer.gateway.model import (
+    MODEL_VERSION,
+    InferError,
+    RawInput,
+    Status,
+    TensorSpec,
+    cells_from_inputs,
+    decode_inputs,
+    model_config,
+    model_metadata,
+    outputs_from_tracks,
+)
+from producer.gateway.stats import ModelStats, RequestTimes
+
+log = logging.getLogger(__name__)
+
+#: KServe extensions the gateway implements (perf_analyzer reads server statistics only when
+#: "statistics" is listed).
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+
+# fleet error code -> KServe error class
+_FLEET_ERRORS: dict[str, Status] = {
+    ErrorCode.BAD_EVENT: Status.INVALID_ARGUMENT,
+    ErrorCode.DETECTOR_MISMATCH: Status.INVALID_ARGUMENT,
+    ErrorCode.OVERSIZED: Status.TOO_LARGE,
+    ErrorCode.TIMEOUT: Status.DEADLINE_EXCEEDED,
+    "busy": Status.UNAVAILABLE,
+    ErrorCode.SHUTTING_DOWN: Status.UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What the gateway serves and how.
+
+    Attributes:
+        broker: the broker's producer endpoint.
+        model_name: the model's name.
+        detector: detector directory: cells are checked against it and events stamped with its
+            fingerprint, so workers serving another detector refuse them (None: no check).
+        max_request_bytes: largest request body / gRPC message [bytes].
+        max_cells: cells accepted in one request.
+        request_timeout_s: a request still unanswered after this long fails with DEADLINE_EXCEEDED [s].
+        max_in_flight: requests held at once; more get UNAVAILABLE.
+        client: retry settings of the broker connection (its endpoint and deadline are set from above).
+    """
+
+    broker: str = "tcp://127.0.0.1:5555"
+    model_name: str = "trackfleet"
+    detector: Path | None = None
+    max_request_bytes: int = 256 * 2**20
+    max_cells: int = MAX_CELLS
+    request_timeout_s: float = 300.0
+    max_in_flight: int = 1024
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model_name or "/" in self.model_name:
+            raise ValueError(f"bad model name {self.model_name!r}")
+        if self.max_request_bytes < 1 or self.max_cells < 1 or self.max_in_flight < 1:
+            raise ValueError("max_request_bytes, max_cells and max_in_flight must be >= 1")
+        if not self.request_timeout_s > 0:
+            raise ValueError("request_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """A successful inference: the outputs in response order, the request id to echo."""
+
+    outputs: list[tuple[TensorSpec, np.ndarray]]
+    request_id: str = ""
+
+
+class Gateway:
+    """One model backed by the fleet.
+
+    Args:
+        config: what to serve.
+        context: ZeroMQ context for the broker sockets (a new one when None).
+    """
+
+    def __init__(self, config: GatewayConfig, context: zmq.Context[Any] | None = None) -> None:
+        self.config = config
+        self.detector: Any = None
+        self.fingerprint = ""
+        if config.detector is not None:
+            from producer.io.detector import load_detector
+
+            self.detector = load_detector(config.detector)
+            self.fingerprint = self.detector.fingerprint()
+        client = replace(config.client, endpoint=config.broker, deadline_s=config.request_timeout_s)
+        self.bridge = BrokerBridge(BridgeConfig(client=client, max_in_flight=config.max_in_flight), context)
+        self.stats = ModelStats(config.model_name, MODEL_VERSION)
+        params = {"broker": config.broker}
+        if self.fingerprint:
+            params["detector_fingerprint"] = self.fingerprint
+        self._config = model_config(config.model_name, params)
+        self._metadata = model_metadata(config.model_name)
+
+    def start(self) -> None:
+        """Connect to the broker (requests are accepted from now on)."""
+        self.bridge.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Fail what the fleet has not answered with UNAVAILABLE and close the broker sockets."""
+        self.bridge.stop(timeout_s)
+
+    # --- server and model endpoints -------------------------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        return True
+
+    @property
+    def ready(self) -> bool:
+        """The broker answers and has at least one worker."""
+        return self.bridge.ready
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "trackfleet", "version": _package_version(), "extensions": list(EXTENSIONS)}
+
+    def check_model(self, name: str, version: str = "") -> None:
+        """Raises: InferError NOT_FOUND for any other model or version."""
+        if name != self.config.model_name:
+            raise InferError(f"Request for unknown model: '{name}' is not found", Status.NOT_FOUND)
+        if version not in ("", MODEL_VERSION):
+            raise InferError(
+                f"Request for unknown model: '{name}' version {version} is not found", Status.NOT_FOUND
+            )
+
+    def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        self.check_model(name, version)
+        return self._metadata
+
+    def model_config(self, name: str, version: str = "") -> dict[str, Any]:
+        self.check_model(name, version)
+        return self._config
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        self.check_model(name, version)
+        return self.ready
+
+    def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+        """KServe statistics of one model, or of all models when ``name`` is empty."""
+        if name:
+            self.check_model(name, version)
+        return {"model_stats": [self.stats.snapshot()]}
+
+    def repository_index(self) -> list[dict[str, str]]:
+        state = "READY" if self.ready else "UNAVAILABLE"
+        return [{"name": self.config.model_name, "version": MODEL_VERSION, "state": state, "reason": ""}]
+
+    # --- inference --------------------------------------------------------------------------------------
+
+    def infer(
+        self,
+        name: str,
+        version: str,
+        inputs: Sequence[RawInput],
+        requested_outputs: Sequence[str] | None = None,
+        request_id: str = "",
+        started: float | None = None,
+    ) -> InferResult:
+        """Reconstruct one event.
+
+        Args:
+            name / version: the model addressed.
+            inputs: the request's tensors as received.
+            requested_outputs: output names in response order (None or empty: all).
+            request_id: echoed in the result.
+            started: ``time.perf_counter()`` when the request arrived (default: now).
+
+        Raises:
+            InferError: a KServe error for the client; the request is counted as failed.
+        """
+        t0 = started if started is not None else time.perf_counter()
+        self.check_model(name, version)
+        try:
+            result, times = self._infer(inputs, requested_outputs, t0)
+        except InferError:
+            self.stats.record_failure(time.perf_counter() - t0)
+            raise
+        except Exception as exc:  # never a traceback for the client, never a dead handler
+            log.exception("inference failed unexpectedly")
+            self.stats.record_failure(time.perf_counter() - t0)
+            raise InferError(f"internal error: {type(exc).__name__}: {exc}", Status.INTERNAL) from exc
+        self.stats.record_success(times)
+        return InferResult(result, request_id)
+
+    def _infer(
+        self, inputs: Sequence[RawInput], requested: Sequence[str] | None, t0: float
+    ) -> tuple[list[tuple[TensorSpec, np.ndarray]], RequestTimes]:
+        tensors = decode_inputs(inputs)
+        cells = cells_from_inputs(tensors, self.detector, self.config.max_cells)
+        header, buffers = pack_event(cells, self.fingerprint)
+        t_submit = time.perf_counter()
+        future = self.bridge.submit(cells.event_id, (header, *buffers))
+        try:
+            # the bridge's client fails the event with "timeout" at request_timeout_s; this is a backstop
+            reply = future.result(timeout=self.config.request_timeout_s + 30.0)
+        except FutureTimeout:
+            raise InferError("no answer from the fleet in time", Status.DEADLINE_EXCEEDED) from None
+        t_reply = time.perf_counter()
+        if not reply.ok:
+            status = _FLEET_ERRORS.get(reply.code, Status.INTERNAL)
+            raise InferError(f"the fleet failed the event ({reply.code}): {reply.message}", status)
+        try:
+            first = reply.payload[0]
+            tracks = unpack_tracks(
+                first.bytes if isinstance(first, zmq.Frame) else bytes(first), reply.payload[1:]
+            )
+        except (EventFormatError, IndexError) as exc:
+            raise InferError(f"the fleet returned unreadable tracks: {exc}", Status.INTERNAL) from None
+        outputs = outputs_from_tracks(tracks, requested)
+        t_end = time.perf_counter()
+        times = RequestTimes.from_fleet(
+            total_s=t_end - t0,
+            gateway_in_s=t_submit - t0,
+            gateway_out_s=t_end - t_reply,
+            broker_queue_s=reply.queue_s,
+            timings=reply.timings,
+        )
+        return outputs, times
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("trackfleet")
+    except Exception:  # running from a source tree that was never installed
+        return "0"
