@@ -1,0 +1,426 @@
+"""What the KServe gateway costs: perf_analyzer through the gateway against the fleet measured directly.
+
+One fleet (a broker and ``--workers`` workers, CuPy on GPU 0 by default) serves both measurements, in turn:
+
+1. **direct**: closed loops of N events in flight straight into the broker, for every N in
+   ``--concurrency``: ``trackfleet perf --broker`` when that subcommand exists, else the producer client
+   (a window of ``--window-s`` after a ramp; throughput = events completed in the window / its length);
+2. **gateway**: Triton's perf_analyzer over gRPC against ``trackfleet gateway`` on the same broker, one
+   run per N (``--concurrency-range N:N``), fed the same events (``--input-data``, made by
+   ``trackfleet gateway --export-perf-data``), with ``--collect-metrics`` from the gateway's metrics port.
+
+The cost of the gateway at each N is ``1 - gateway / direct`` throughput; the verdict uses the saturated
+throughput (the best N of each). Everything is warmed up first (CuPy compiles kernels per shape, and
+batches of every size appear only under load).
+
+Writes to ``--out`` (at most 8 files): ``perf_analyzer.csv`` (perf_analyzer's rows, all N),
+``trackfleet_perf.csv`` (``trackfleet perf``'s rows, when it ran), ``direct.csv`` (the direct side as
+compared), ``summary.json``, ``summary.md``, ``perf_analyzer.log``, ``fleet.log``.
+
+    python bench/gateway_perf.py --input .devdata/mu200-cells --workers 4 --batch 3 \\
+        --perf-analyzer /tmp/site/perf_analyzer/bin/perf_analyzer --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from producer.client import ClientConfig, FleetClient, PackedInput, load_inputs  # noqa: E402
+from producer.launch import LocalFleet  # noqa: E402
+
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f} s] {msg}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", type=Path, required=True, help="events with their detector (e.g. mu=200)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--workers", type=int, default=4, help="worker processes (default %(default)s)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="cupy")
+    p.add_argument("--gpu", default="0", help="CUDA_VISIBLE_DEVICES of the workers (default %(default)s)")
+    p.add_argument("--batch", type=int, default=3, help="worker dynamic batching (default %(default)s)")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="events in flight, comma-separated")
+    p.add_argument("--perf-analyzer", default="/tmp/site/perf_analyzer/bin/perf_analyzer")
+    p.add_argument("--window-s", type=float, default=5.0, help="measurement window [s] (both sides)")
+    p.add_argument("--ramp-s", type=float, default=2.0, help="direct: settle time before each window [s]")
+    p.add_argument("--warmup-s", type=float, default=25.0, help="warm-up at the highest concurrency [s]")
+    p.add_argument("--stability", type=float, default=25.0, help="perf_analyzer --stability-percentage")
+    p.add_argument("--max-trials", type=int, default=5, help="perf_analyzer --max-trials")
+    p.add_argument("--ready-timeout-s", type=float, default=300.0, help="worker start-up limit [s]")
+    p.add_argument("--ports", default="8000,8001,8002", help="gateway HTTP, gRPC, metrics ports")
+    p.add_argument(
+        "--direct",
+        choices=("auto", "perf", "client"),
+        default="auto",
+        help="direct measurement: trackfleet perf, the producer client, or perf when it exists",
+    )
+    return p.parse_args(argv)
+
+
+# --- direct measurement -----------------------------------------------------------------------------
+
+
+def closed_loop(
+    endpoint: str, events: list[PackedInput], concurrency: int, window_s: float, ramp_s: float
+) -> dict[str, Any]:
+    """N in flight for ramp + window; count the events that complete inside the window (as perf_analyzer)."""
+    done: list[tuple[float, float]] = []  # (completion time, latency)
+    failed = 0
+    with FleetClient(ClientConfig(endpoint=endpoint, timeout_s=120.0)) as client:
+        seq = 0
+        start = time.monotonic()
+        w0, w1 = start + ramp_s, start + ramp_s + window_s
+        while True:
+            now = time.monotonic()
+            while now < w1 and client.in_flight < concurrency:
+                ev = events[seq % len(events)]
+                client.submit(seq, ev.event_id, ev.payload)
+                seq += 1
+            if now >= w1 and client.in_flight == 0:
+                break
+            if now > w1 + 180:
+                break
+            for r in client.poll(0.02):
+                if r.ok:
+                    done.append((time.monotonic(), r.latency_s))
+                else:
+                    failed += 1
+    inside = sorted(lat for t, lat in done if w0 <= t <= w1)
+
+    def pct(q: float) -> float | None:
+        return round(inside[min(len(inside) - 1, int(q / 100 * len(inside)))] * 1e3, 2) if inside else None
+
+    return {
+        "concurrency": concurrency,
+        "throughput_eps": round(len(inside) / window_s, 3),
+        "events": len(inside),
+        "failed": failed,
+        "latency_p50_ms": pct(50),
+        "latency_p99_ms": pct(99),
+        "method": "producer client",
+    }
+
+
+def direct_with_trackfleet_perf(
+    args: argparse.Namespace, frontend: str, levels: list[int], run: Path
+) -> list[dict[str, Any]] | None:
+    """`trackfleet perf --broker` on the running fleet; None when it is not there or fails."""
+    from producer.cli import SUBCOMMANDS
+
+    if "perf" not in SUBCOMMANDS:
+        return None
+    out = run / "perf"
+    cmd = [
+        sys.executable,
+        "-m",
+        "producer.cli",
+        "perf",
+        "--input",
+        str(args.input),
+        "--broker",
+        frontend,
+        "--concurrency",
+        ",".join(map(str, levels)),
+        "--output",
+        str(out),
+        "--window-s",
+        str(args.window_s),
+        "--stability",
+        str(args.stability / 100),
+        "--max-windows",
+        str(args.max_trials),
+        "--no-plots",
+        "--max-duration-s",
+        "200",
+    ]
+    say("direct: " + " ".join(cmd[2:]))
+    try:
+        with (run / "perf.stderr").open("w") as err:
+            subprocess.run(cmd, cwd=ROOT, check=True, timeout=260, stdout=subprocess.DEVNULL, stderr=err)
+        rows = list(csv.DictReader((out / "perf.csv").open()))
+        shutil.copy(
+            out / "perf.csv", args.out / "trackfleet_perf.csv"
+        )  # its own rows, beside perf_analyzer's
+        return [
+            {
+                "concurrency": int(r["concurrency"]),
+                "throughput_eps": float(r["throughput_eps"]),
+                "events": int(r.get("events") or 0),
+                "failed": int(r.get("failed") or 0),
+                "latency_p50_ms": float(r["latency_p50_ms"]) if r.get("latency_p50_ms") else None,
+                "latency_p99_ms": float(r["latency_p99_ms"]) if r.get("latency_p99_ms") else None,
+                "stable": r.get("stable"),
+                "method": "trackfleet perf",
+            }
+            for r in rows
+            if r.get("mode", "concurrency") == "concurrency"
+        ]
+    except Exception as exc:  # an unfinished `trackfleet perf` must not lose the gateway measurement
+        say(f"trackfleet perf unusable ({type(exc).__name__}: {exc}); using the producer client")
+        return None
+
+
+# --- gateway measurement ----------------------------------------------------------------------------
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def start_gateway(args: argparse.Namespace, frontend: str, run: Path) -> tuple[subprocess.Popen[bytes], dict]:
+    http_port, grpc_port, metrics_port = (int(x) for x in args.ports.split(","))
+    ep = run / "gateway.json"
+    log = (run / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "producer.gateway",
+            "-v",
+            "--broker",
+            frontend,
+            "--detector",
+            str(args.input),
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics_port),
+            "--endpoints-file",
+            str(ep),
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited with {proc.returncode}; see {run}/gateway.log")
+        if ep.exists():
+            ports = json.loads(ep.read_text())
+            try:
+                if http_get(ports["http"], "/v2/health/ready")[0] == 200:
+                    return proc, ports
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the gateway did not become ready")
+        time.sleep(0.2)
+
+
+def perf_analyzer(
+    args: argparse.Namespace, ports: dict, data: Path, c: int, run: Path, log: Any
+) -> list[dict[str, str]]:
+    csv_path = run / f"pa_c{c}.csv"
+    cmd = [
+        args.perf_analyzer,
+        "-m",
+        "trackfleet",
+        "-u",
+        f"127.0.0.1:{ports['grpc']}",
+        "-i",
+        "grpc",
+        "--concurrency-range",
+        f"{c}:{c}",
+        "--input-data",
+        str(data),
+        "--measurement-interval",
+        str(int(args.window_s * 1000)),
+        "--stability-percentage",
+        str(args.stability),
+        "--max-trials",
+        str(args.max_trials),
+        "--collect-metrics",
+        "--metrics-url",
+        f"http://127.0.0.1:{ports['metrics']}/metrics",
+        "--metrics-interval",
+        "1000",
+        "-f",
+        str(csv_path),
+    ]
+    say("perf_analyzer " + " ".join(cmd[1:]))
+    log.write(f"\n$ {' '.join(cmd)}\n".encode())
+    log.flush()
+    budget = (args.max_trials + 2) * args.window_s * 1.3 + 60
+    try:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=budget).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    log.write(f"[exit {rc}]\n".encode())
+    if not csv_path.exists():
+        say(f"perf_analyzer at concurrency {c}: no CSV (exit {rc})")
+        return []
+    return list(csv.DictReader(csv_path.open()))
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    run = Path(tempfile.mkdtemp(prefix="gateway-perf-"))
+    if args.backend == "cupy":
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    worker_args = ["--backend", args.backend, "--batch", str(args.batch)]
+    fleet = LocalFleet(run / "fleet", worker_args=worker_args, detector=args.input)
+    gateway = None
+    summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    try:
+        fleet.start_broker()
+        fleet.start_workers(args.workers)
+        say(f"fleet: broker {fleet.frontend}, {args.workers} {args.backend} workers (batch {args.batch})")
+        events = load_inputs(args.input)
+        from producer.gateway.perf_data import export_perf_data
+
+        data = run / "perf_data.json"
+        say(
+            f"perf_analyzer data: {export_perf_data(args.input, data)} events, {data.stat().st_size / 2**20:.1f} MiB"
+        )
+        fleet.wait_ready(args.workers, timeout_s=args.ready_timeout_s)
+        say("workers ready")
+        gateway, ports = start_gateway(args, fleet.frontend, run)
+        say(f"gateway ready: {ports}")
+        warm = closed_loop(fleet.frontend, events, max(levels), args.warmup_s, 0.0)
+        say(f"warm-up: {warm['throughput_eps']} events/s at concurrency {max(levels)}")
+
+        direct = None
+        if args.direct in ("auto", "perf"):
+            direct = direct_with_trackfleet_perf(args, fleet.frontend, levels, run)
+        if direct is None:
+            direct = []
+            for c in levels:
+                direct.append(closed_loop(fleet.frontend, events, c, args.window_s * 2, args.ramp_s))
+                say(
+                    f"direct c={c}: {direct[-1]['throughput_eps']} events/s, p50 {direct[-1]['latency_p50_ms']} ms"
+                )
+
+        pa_rows: list[dict[str, str]] = []
+        with (args.out / "perf_analyzer.log").open("wb") as log:
+            for c in levels:
+                rows = perf_analyzer(args, ports, data, c, run, log)
+                pa_rows += rows
+                for r in rows:
+                    say(f"gateway c={c}: {r.get('Inferences/Second')} infer/s, p50 {r.get('p50 latency')} us")
+        if pa_rows:
+            with (args.out / "perf_analyzer.csv").open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(pa_rows[0]))
+                w.writeheader()
+                w.writerows(pa_rows)
+        with (args.out / "direct.csv").open("w", newline="") as f:
+            fields = sorted({k for r in direct for k in r}, key=lambda k: (k != "concurrency", k))
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(direct)
+
+        _, stats = http_get(ports["http"], "/v2/models/trackfleet/stats")
+        summary["gateway_stats"] = json.loads(stats)
+        summary["broker_stats"] = fleet.stats()
+        summary.update(compare(direct, pa_rows))
+        return 0 if summary.get("pass") else 1
+    finally:
+        if gateway is not None and gateway.poll() is None:
+            gateway.send_signal(signal.SIGTERM)
+            try:
+                gateway.wait(20)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        fleet.stop(timeout_s=20)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        (args.out / "summary.md").write_text(markdown(summary))
+        with (args.out / "fleet.log").open("w") as f:
+            for log_path in sorted(run.rglob("*.log")) + sorted(run.rglob("*.stderr")):
+                lines = log_path.read_text(errors="replace").splitlines()
+                f.write(f"==> {log_path.relative_to(run)} ({len(lines)} lines, last 200) <==\n")
+                f.write("\n".join(lines[-200:]) + "\n")
+        say(f"wrote {sorted(p.name for p in args.out.iterdir())}")
+
+
+def compare(direct: list[dict[str, Any]], pa_rows: list[dict[str, str]]) -> dict[str, Any]:
+    pa = {int(r["Concurrency"]): r for r in pa_rows if r.get("Concurrency")}
+    rows = []
+    for d in direct:
+        c = d["concurrency"]
+        g = pa.get(c)
+        g_eps = float(g["Inferences/Second"]) if g else None
+        rows.append(
+            {
+                "concurrency": c,
+                "direct_eps": d["throughput_eps"],
+                "gateway_eps": g_eps,
+                "cost": round(1 - g_eps / d["throughput_eps"], 4) if g_eps and d["throughput_eps"] else None,
+                "direct_p50_ms": d.get("latency_p50_ms"),
+                "direct_p99_ms": d.get("latency_p99_ms"),
+                "gateway_p50_ms": round(float(g["p50 latency"]) / 1e3, 2)
+                if g and g.get("p50 latency")
+                else None,
+                "gateway_p99_ms": round(float(g["p99 latency"]) / 1e3, 2)
+                if g and g.get("p99 latency")
+                else None,
+                "gateway_gpu_utilization": g.get("Avg GPU Utilization") if g else None,
+            }
+        )
+    best_direct = max((r["direct_eps"] for r in rows), default=0.0)
+    best_gateway = max((r["gateway_eps"] or 0.0 for r in rows), default=0.0)
+    cost = round(1 - best_gateway / best_direct, 4) if best_direct else None
+    return {
+        "rows": rows,
+        "direct_method": direct[0].get("method") if direct else None,
+        "saturated_direct_eps": best_direct,
+        "saturated_gateway_eps": best_gateway,
+        "saturated_cost": cost,
+        "pass": cost is not None and cost <= 0.10 and len(pa) == len(direct),
+    }
+
+
+def markdown(s: dict[str, Any]) -> str:
+    lines = [
+        "# Gateway cost: perf_analyzer (gRPC, through the gateway) vs the fleet directly",
+        "",
+        f"direct measurement: {s.get('direct_method')}; saturated throughput direct {s.get('saturated_direct_eps')} "
+        f"events/s, gateway {s.get('saturated_gateway_eps')} events/s, cost {s.get('saturated_cost')} "
+        f"(limit 0.10): {'PASS' if s.get('pass') else 'FAIL'}",
+        "",
+        "| concurrency | direct ev/s | gateway ev/s | cost | direct p50/p99 ms | gateway p50/p99 ms | GPU util |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in s.get("rows", []):
+        lines.append(
+            f"| {r['concurrency']} | {r['direct_eps']} | {r['gateway_eps']} | {r['cost']} | "
+            f"{r['direct_p50_ms']}/{r['direct_p99_ms']} | {r['gateway_p50_ms']}/{r['gateway_p99_ms']} | "
+            f"{r['gateway_gpu_utilization']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
