@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ramp-s", type=float, default=2.0, help="direct: settle time before each window [s]")
     p.add_argument("--warmup-s", type=float, default=25.0, help="warm-up at the highest concurrency [s]")
     p.add_argument("--stability", type=float, default=25.0, help="perf_analyzer --stability-percentage")
-    p.add_argument("--max-trials", type=int, default=5, help="perf_analyzer --max-trials")
+    p.add_argument(
+        "--max-trials", type=int, default=4, help="perf_analyzer --max-trials (and perf's windows)"
+    )
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="worker start-up limit [s]")
     p.add_argument("--ports", default="8000,8001,8002", help="gateway HTTP, gRPC, metrics ports")
     p.add_argument(
@@ -287,6 +289,8 @@ def perf_analyzer(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (a time limit) still stops the fleet and writes the summary, through the finally below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     levels = [int(x) for x in args.concurrency.split(",")]
     run = Path(tempfile.mkdtemp(prefix="gateway-perf-"))
     if args.backend == "cupy":
@@ -323,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                 say(
                     f"direct c={c}: {direct[-1]['throughput_eps']} events/s, p50 {direct[-1]['latency_p50_ms']} ms"
                 )
+        write_csv(args.out / "direct.csv", direct)
+        summary.update(compare(direct, []))
 
         pa_rows: list[dict[str, str]] = []
         with (args.out / "perf_analyzer.log").open("wb") as log:
@@ -331,16 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                 pa_rows += rows
                 for r in rows:
                     say(f"gateway c={c}: {r.get('Inferences/Second')} infer/s, p50 {r.get('p50 latency')} us")
-        if pa_rows:
-            with (args.out / "perf_analyzer.csv").open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(pa_rows[0]))
-                w.writeheader()
-                w.writerows(pa_rows)
-        with (args.out / "direct.csv").open("w", newline="") as f:
-            fields = sorted({k for r in direct for k in r}, key=lambda k: (k != "concurrency", k))
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(direct)
+                if pa_rows:  # after every level: a run cut short keeps what it measured
+                    write_csv(args.out / "perf_analyzer.csv", pa_rows)
+                summary.update(compare(direct, pa_rows))
 
         _, stats = http_get(ports["http"], "/v2/models/trackfleet/stats")
         summary["gateway_stats"] = json.loads(stats)
@@ -363,6 +362,16 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(f"==> {log_path.relative_to(run)} ({len(lines)} lines, last 200) <==\n")
                 f.write("\n".join(lines[-200:]) + "\n")
         say(f"wrote {sorted(p.name for p in args.out.iterdir())}")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def compare(direct: list[dict[str, Any]], pa_rows: list[dict[str, str]]) -> dict[str, Any]:
