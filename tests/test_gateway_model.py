@@ -240,3 +240,22 @@ def test_export_perf_data(bundled, tmp_path):
         ]
     )
     assert model._sorted_unique(tensors["GEOMETRY_ID"], tensors["CHANNEL1"], tensors["CHANNEL0"])
+
+
+def test_cells_are_checked_against_the_detector(detector):
+    g0 = int(np.asarray(detector.geometry_id)[0])
+    bins = np.asarray(detector.seg_bins)[0]
+    ok = request(
+        3, GEOMETRY_ID=(np.full(3, g0, np.uint64), "UINT64"), CHANNEL0=(np.arange(3, dtype=np.int32), "INT32")
+    )
+    assert model.cells_from_inputs(model.decode_inputs(ok), detector).size == 3
+    far = request(
+        3,
+        GEOMETRY_ID=(np.full(3, g0, np.uint64), "UINT64"),
+        CHANNEL0=(np.array([0, int(bins[0]), 1], np.int32), "INT32"),
+    )
+    with pytest.raises(InferError, match=f"outside the module's {int(bins[0])} bins"):
+        model.cells_from_inputs(model.decode_inputs(far), detector)
+    unknown = request(3, GEOMETRY_ID=(np.array([g0, g0, 12345], np.uint64), "UINT64"))
+    with pytest.raises(InferError, match="GEOMETRY_ID 12345 is not a sensitive module"):
+        model.cells_from_inputs(model.decode_inputs(unknown), detector)

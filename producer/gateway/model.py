@@ -348,8 +348,6 @@ def cells_from_inputs(
         if event_id > MAX_EVENT_ID:
             raise InferError(f"EVENT_ID {event_id} is not below 2^63")
     truth = tensors.get("TRUTH_ID")
-    if detector is not None and n:
-        _check_detector(detector, g, c0, c1)
     cells = Cells(
         geometry_id=g.astype(GEOMETRY_DTYPE, copy=False),
         channel0=c0.astype(CHANNEL_DTYPE, copy=False),
@@ -359,21 +357,24 @@ def cells_from_inputs(
         measurement_id=truth.astype(TRUTH_DTYPE, copy=False) if truth is not None else None,
         event_id=event_id,
     )
-    if _sorted_unique(cells.geometry_id, cells.channel1, cells.channel0):
-        return cells
-    merged, _ = merge_duplicate_cells(cells)
-    return merged
+    if not _sorted_unique(cells.geometry_id, cells.channel1, cells.channel0):
+        cells, _ = merge_duplicate_cells(cells)
+    if detector is not None and n:
+        _check_detector(detector, cells.geometry_id, cells.channel0, cells.channel1)
+    return cells
 
 
 def _check_detector(detector: Any, g: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> None:
-    module = np.asarray(detector.module_index(np, g))
+    """Cells (grouped by module) on sensitive modules, channels inside their segmentation."""
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # one lookup per module, not per cell
+    module = np.asarray(detector.module_index(np, g[starts]))
     unknown = np.flatnonzero(module < 0)
     if unknown.size:
         raise InferError(
-            f"GEOMETRY_ID {int(g[unknown[0]])} is not a sensitive module of the detector "
-            f"({unknown.size} such cells)"
+            f"GEOMETRY_ID {int(g[starts[unknown[0]]])} is not a sensitive module of the detector "
+            f"({unknown.size} such modules)"
         )
-    bins = np.asarray(detector.seg_bins)[module]
+    bins = np.repeat(np.asarray(detector.seg_bins)[module], np.diff(np.r_[starts, g.shape[0]]), axis=0)
     for axis, (name, c) in enumerate((("CHANNEL0", c0), ("CHANNEL1", c1))):
         out = np.flatnonzero(c >= bins[:, axis])
         if out.size:
