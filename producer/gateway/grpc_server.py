@@ -204,6 +204,8 @@ class GatewayGRPCServer:
         limit = gateway.config.max_request_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway-grpc"),
+            # RPCs beyond this are refused with RESOURCE_EXHAUSTED instead of queueing without bound
+            maximum_concurrent_rpcs=max(max_workers, gateway.config.max_in_flight),
             options=[
                 ("grpc.max_receive_message_length", min(limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", -1),
