@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-secret", type=Path, help="broker CURVE secret key file (enables encryption)")
     p.add_argument("--curve-authorized", type=Path, help="directory of authorized client public keys")
     p.add_argument("--endpoints-file", type=Path, help="write the bound endpoints here as JSON")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port (0: any free port; default off)",
+    )
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="metrics bind address (default %(default)s)")
     p.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     return p
 
@@ -110,10 +116,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    metrics = None
+    if args.metrics_port is not None:
+        from metrics.broker import serve_broker_metrics
+
+        metrics = serve_broker_metrics(server, args.metrics_port, args.metrics_addr)
     try:
         server.run()
     finally:
         server.close()
+        if metrics is not None:
+            metrics.stop()
     log.info("broker stopped: %s", server.state.counters)
     return 0
 

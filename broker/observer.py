@@ -40,6 +40,9 @@ class BrokerObserver:
     ) -> None:
         """Tracks of an event came back and were forwarded to its producer."""
 
+    def on_result_sent(self, job: JobInfo, nbytes: int) -> None:
+        """Right after :meth:`on_result`: the forwarded tracks payload was ``nbytes`` bytes."""
+
     def on_failed(self, job: JobInfo | None, reason: str) -> None:
         """An event got an error reply (``reason`` is the :class:`~broker.protocol.ErrorCode`), or, with
         ``job`` None, a message was refused as malformed / oversized / wrong version."""

@@ -479,6 +479,7 @@ class BrokerState:
             if self.observers:
                 view = w.view() if w is not None else WorkerInfo(identity, identity.hex(), 0, 0, {})
                 self.observers.emit("on_result", job.info(), view, msg.timings, queue_s)
+                self.observers.emit("on_result_sent", job.info(), payload_nbytes(msg.payload))
         return actions + self._dispatch(now)
 
     def _failed(self, identity: bytes, w: _Worker | None, msg: WorkFailed, now: float) -> list[Action]:

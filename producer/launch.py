@@ -2,8 +2,8 @@
 
 - :class:`FleetSpec` + :func:`supervisord_config`: the supervisord configuration of a fleet: the broker,
   one program per GPU (``CUDA_VISIBLE_DEVICES`` pinned, ``numprocs`` instances, like Triton model
-  instances) or a CPU program with the numpy backend, and exporters when the ``metrics`` package
-  provides a runnable module.
+  instances) or a CPU program with the numpy backend, and the node's GPU exporter (``python -m metrics``);
+  every program serves Prometheus metrics on a port of its own (:func:`metrics_ports`).
 - ``trackfleet up`` / ``status`` / ``down`` (this module's :func:`run_up`, :func:`run_status`,
   :func:`run_down`; the subcommand modules :mod:`producer.up` etc. are thin wrappers).
 - :class:`LocalFleet`: broker and workers as plain subprocesses, for ``trackfleet demo``, tests and
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RUN_DIR = Path(".trackfleet")
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+#: First Prometheus port of a node: broker +0, GPU exporter +1, workers from +10 (see :func:`metrics_ports`).
+DEFAULT_METRICS_PORT = 9500
 
 
 def bundled_data_dir() -> Path:
@@ -87,6 +89,8 @@ class FleetSpec:
         python: interpreter that runs broker and workers.
         broker_args / worker_args: extra command-line arguments.
         curve_dir: CURVE keys (broker.key, broker.key_secret, worker.key_secret, authorized/).
+        metrics_port: first Prometheus port of the node (0: no metrics and no exporter); see
+            :func:`metrics_ports`.
     """
 
     run_dir: Path = DEFAULT_RUN_DIR
@@ -102,10 +106,15 @@ class FleetSpec:
     broker_args: tuple[str, ...] = ()
     worker_args: tuple[str, ...] = ()
     curve_dir: Path | None = None
+    metrics_port: int = DEFAULT_METRICS_PORT
 
     def __post_init__(self) -> None:
         if self.instances_per_gpu < 1 or self.cpu_workers < 0:
             raise ConfigError("instances_per_gpu must be >= 1 and cpu_workers >= 0")
+        if not 0 <= self.metrics_port <= 65535 - 10 - self.n_workers:
+            raise ConfigError(
+                f"metrics_port must be 0 (off) or a port leaving room for the workers, got {self.metrics_port}"
+            )
         if not self.run_broker and self.connect is None:
             raise ConfigError("a worker-only node needs --connect (the broker's worker endpoint)")
 
@@ -131,18 +140,57 @@ def _q(args: Sequence[str]) -> str:
     return " ".join(shlex.quote(str(a)) for a in args).replace("%", "%%")
 
 
+def metrics_ports(spec: FleetSpec) -> dict[str, int]:
+    """Prometheus ports of a node's programs: ``broker``, ``exporter`` and, per worker program, its first
+    port (instance N of that program serves first + N, through supervisord's ``%(process_num)d``).
+
+    Layout from ``spec.metrics_port`` = B: broker B, GPU exporter B+1, ``worker-gpuG`` (the k-th GPU of
+    ``spec.gpus``) B+10+k*instances_per_gpu, ``worker-cpu`` after the GPU programs. {} when metrics are off.
+    """
+    base = spec.metrics_port
+    if base <= 0:
+        return {}
+    ports = {"exporter": base + 1}
+    if spec.run_broker:
+        ports["broker"] = base
+    for k, gpu in enumerate(spec.gpus):
+        ports[f"worker-gpu{gpu}"] = base + 10 + k * spec.instances_per_gpu
+    if spec.cpu_workers:
+        ports["worker-cpu"] = base + 10 + len(spec.gpus) * spec.instances_per_gpu
+    return ports
+
+
+def metrics_targets(spec: FleetSpec, host: str = "127.0.0.1") -> list[dict[str, Any]]:
+    """Prometheus ``file_sd_configs`` entries for every metrics port of the node (one group per program)."""
+    groups = []
+    for program, port in metrics_ports(spec).items():
+        n = 1
+        if program.startswith("worker-gpu"):
+            n = spec.instances_per_gpu
+        elif program == "worker-cpu":
+            n = spec.cpu_workers
+        groups.append(
+            {
+                "targets": [f"{host}:{port + i}" for i in range(n)],
+                "labels": {"program": program},
+            }
+        )
+    return groups
+
+
 def exporter_programs(spec: FleetSpec) -> list[tuple[str, list[str]]]:
-    """Exporter programs to supervise: ``python -m metrics`` once the metrics package makes it runnable."""
+    """Exporter programs to supervise: the node's GPU exporter ``python -m metrics`` (none with metrics off)."""
+    ports = metrics_ports(spec)
     try:
         found = importlib.util.find_spec("metrics.__main__") is not None
     except (ImportError, ValueError):
         found = False
-    if not found:
+    if not found or "exporter" not in ports:
         return []
-    return [("exporter", [spec.python, "-m", "metrics", "--broker", connect_endpoint(spec.frontend)])]
+    return [("exporter", [spec.python, "-m", "metrics", "--port", str(ports["exporter"])])]
 
 
-def _worker_command(spec: FleetSpec, backend: str, name: str) -> list[str]:
+def _worker_command(spec: FleetSpec, backend: str, name: str, program: str = "") -> list[str]:
     cmd = [
         spec.python,
         "-m",
@@ -160,6 +208,9 @@ def _worker_command(spec: FleetSpec, backend: str, name: str) -> list[str]:
     if spec.curve_dir is not None:
         d = spec.curve_dir.resolve()
         cmd += ["--curve-secret", str(d / "worker.key_secret"), "--curve-server-key", str(d / "broker.key")]
+    port = metrics_ports(spec).get(program)
+    if port is not None:
+        cmd += ["--metrics-port", str(port), "--metrics-port-offset", "%(process_num)d"]
     return cmd
 
 
@@ -237,6 +288,8 @@ def supervisord_config(spec: FleetSpec) -> str:
             str(run / "endpoints.json"),
             *spec.broker_args,
         ]
+        if "broker" in metrics_ports(spec):
+            cmd += ["--metrics-port", str(metrics_ports(spec)["broker"])]
         if spec.curve_dir is not None:
             d = spec.curve_dir.resolve()
             cmd += ["--curve-secret", str(d / "broker.key_secret")]
@@ -247,14 +300,14 @@ def supervisord_config(spec: FleetSpec) -> str:
         name = f"worker-gpu{gpu}"
         program(
             name,
-            _worker_command(spec, "cupy", f"%(host_node_name)s-gpu{gpu}-%(process_num)d").copy(),
+            _worker_command(spec, "cupy", f"%(host_node_name)s-gpu{gpu}-%(process_num)d", name),
             numprocs=spec.instances_per_gpu,
             env=f'CUDA_VISIBLE_DEVICES="{gpu}"',
         )
     if spec.cpu_workers:
         program(
             "worker-cpu",
-            _worker_command(spec, "numpy", "%(host_node_name)s-cpu-%(process_num)d"),
+            _worker_command(spec, "numpy", "%(host_node_name)s-cpu-%(process_num)d", "worker-cpu"),
             numprocs=spec.cpu_workers,
             env='CUDA_VISIBLE_DEVICES=""',
         )
@@ -327,6 +380,11 @@ def up(spec: FleetSpec, wait_s: float = 60.0) -> int:
     (run / "logs").mkdir(parents=True, exist_ok=True)
     spec.endpoints_file.unlink(missing_ok=True)
     spec.conf_path.write_text(supervisord_config(spec))
+    targets = run / "prometheus-targets.json"
+    targets.unlink(missing_ok=True)
+    if spec.metrics_port:
+        # for Prometheus' file_sd_configs (see deploy/prometheus.yml)
+        targets.write_text(json.dumps(metrics_targets(spec), indent=1) + "\n")
     proc = subprocess.run(
         [spec.python, "-m", "supervisor.supervisord", "-c", str(spec.conf_path)],
         capture_output=True,
@@ -403,6 +461,13 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker-args", default="", help="extra broker arguments, quoted")
     p.add_argument("--worker-args", default="", help="extra worker arguments, quoted")
     p.add_argument("--wait-s", type=float, default=60.0, help="wait for workers to register (0: do not)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="first Prometheus port: broker +0, GPU exporter +1, workers +10... (0: no metrics; default "
+        "%(default)s)",
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> FleetSpec:
@@ -421,6 +486,7 @@ def spec_from_args(args: argparse.Namespace) -> FleetSpec:
         broker_args=tuple(shlex.split(args.broker_args)),
         worker_args=tuple(shlex.split(args.worker_args)),
         curve_dir=args.curve_dir,
+        metrics_port=args.metrics_port,
     )
 
 

@@ -37,6 +37,29 @@ def small_events(det, n_cells: int = 100) -> list[PackedInput]:
     return out
 
 
+def free_port_base(n: int = 12) -> int:
+    """A port P with P .. P+n-1 free a moment ago (``trackfleet up --metrics-port P`` uses P, P+1, P+10...)."""
+    import socket
+
+    from metrics.exposition import free_ports
+
+    for _ in range(100):
+        (base,) = free_ports(1)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
 def trackfleet(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
@@ -70,6 +93,7 @@ def test_up_kill_9_worker_supervisord_restarts_it_no_event_lost(tmp_path, monkey
     load_detector(BUNDLED)  # build the cache once for all workers
     run_dir = tmp_path / "run"
     frontend, backend = f"ipc://{tmp_path}/fe.sock", f"ipc://{tmp_path}/be.sock"
+    metrics = free_port_base()
     try:
         up = trackfleet(
             "up",
@@ -87,11 +111,13 @@ def test_up_kill_9_worker_supervisord_restarts_it_no_event_lost(tmp_path, monkey
             "--worker-args=--heartbeat-ms 200 --simulate-compute-ms 15",
             "--wait-s",
             "40",
+            "--metrics-port",
+            str(metrics),
         )
         assert up.returncode == 0, up.stdout + up.stderr
         status = trackfleet("status", "--run-dir", str(run_dir), "--json")
         s = json.loads(status.stdout)
-        assert s["broker"]["n_workers"] == 2 and len(s["programs"]) == 3
+        assert s["broker"]["n_workers"] == 2 and len(s["programs"]) == 4  # broker, 2 workers, exporter
         assert all("RUNNING" in line for line in s["programs"])
         pids_before = {w["info"]["pid"] for w in s["broker"]["workers"]}
 
@@ -127,10 +153,22 @@ def test_up_kill_9_worker_supervisord_restarts_it_no_event_lost(tmp_path, monkey
         assert victim not in pids_after and len(pids_after) == 2, pids_after
         while True:  # RUNNING once the new process has stayed up for startsecs
             ctl = trackfleet("status", "--run-dir", str(run_dir))
-            if ctl.stdout.count("RUNNING") == 3 or time.monotonic() > deadline:
+            if ctl.stdout.count("RUNNING") == 4 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        assert ctl.stdout.count("RUNNING") == 3, ctl.stdout
+        assert ctl.stdout.count("RUNNING") == 4, ctl.stdout
+        # the broker's metrics counted every event once; the restarted worker serves its series again,
+        # on its own port and under its own name (docs/metrics.md section 2)
+        broker = _scrape(metrics)
+        assert broker["trackfleet_events_total", (("status", "succeeded"),)] == count
+        assert broker["trackfleet_events_received_total", ()] == count
+        names = {dict(labels)["worker"] for name, labels in broker if name == "trackfleet_leases"}
+        for i in range(2):
+            worker = _scrape(metrics + 10 + i)
+            assert any(name == "trackfleet_worker_info" for name, _ in worker)
+            assert {
+                dict(labels).get("worker") for name, labels in worker if name == "trackfleet_worker_info"
+            } <= names
     finally:
         down = trackfleet("down", "--run-dir", str(run_dir), timeout_s=90)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -138,6 +176,19 @@ def test_up_kill_9_worker_supervisord_restarts_it_no_event_lost(tmp_path, monkey
         not (run_dir / "supervisord.pid").exists()
         or trackfleet("status", "--run-dir", str(run_dir)).returncode == 3
     )
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_status_and_down_without_a_fleet(tmp_path):

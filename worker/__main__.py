@@ -14,6 +14,7 @@ from types import FrameType
 from broker.errors import ConfigError
 from broker.security import client_keys
 from worker.config import BACKENDS, WorkerConfig, default_name
+from worker.observer import WorkerObservers
 from worker.service import WorkerService
 
 log = logging.getLogger("worker")
@@ -60,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="worker name (default host-pid)")
     p.add_argument("--curve-secret", type=Path, help="this worker's CURVE secret key file")
     p.add_argument("--curve-server-key", type=Path, help="the broker's CURVE public key file")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port (0: any free port; default off)",
+    )
+    p.add_argument(
+        "--metrics-port-offset",
+        type=int,
+        default=0,
+        help="added to --metrics-port (under supervisord: %%(process_num)d, one port per instance)",
+    )
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="metrics bind address (default %(default)s)")
     p.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
     return p
 
@@ -108,7 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return 2
-    service = WorkerService(config)
+    observers = WorkerObservers()
+    if args.metrics_port is not None:
+        from metrics.worker import serve_worker_metrics
+
+        port = args.metrics_port + args.metrics_port_offset if args.metrics_port else 0
+        serve_worker_metrics(observers, config.name, port, args.metrics_addr)
+    service = WorkerService(config, observers=observers)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received signal %d: finishing in-flight events and leaving", signum)
