@@ -238,9 +238,17 @@ def start_gateway(args: argparse.Namespace, frontend: str, run: Path) -> tuple[s
         time.sleep(0.2)
 
 
+def _executable(path: str) -> None:
+    """pip may unpack perf_analyzer's binary without its execute bit."""
+    p = Path(path)
+    if p.is_file() and not os.access(p, os.X_OK):
+        p.chmod(p.stat().st_mode | 0o111)
+
+
 def perf_analyzer(
     args: argparse.Namespace, ports: dict, data: Path, c: int, run: Path, log: Any
 ) -> list[dict[str, str]]:
+    _executable(args.perf_analyzer)
     csv_path = run / f"pa_c{c}.csv"
     cmd = [
         args.perf_analyzer,
