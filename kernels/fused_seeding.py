@@ -25,7 +25,7 @@ from typing import Any
 from kernels.edm.measurements import Spacepoints
 from kernels.edm.seeds import Seeds
 from kernels.profiling import section
-from kernels.xp import Array
+from kernels.xp import Array, repeat_index
 
 _BLOCK = 128
 
@@ -72,16 +72,13 @@ __device__ __forceinline__ long long upper_(const double* a, long long n, double
     return lo;
 }
 
-// one thread per (middle, layer); mode 0: count doublets into count[i]; mode 1: fill from offset[i]
-extern "C" __global__ void doublets(
-    const double* x, const double* y, const double* z, const double* r, const double* phi,
-    const double* var_r, const double* var_z, const int* event,
-    const long long* grid_order, const double* grid_key, long long n_grid, int n_phi, int n_layers,
-    const bool* is_disc, const double* lr_lo, const double* lr_hi, const double* lz_lo, const double* lz_hi,
-    const long long* middles, int n_mid, int top, const double* cfg, int mode,
-    int* count, const long long* offset,
-    int* o_middle, long long* o_other, double* o_cot, double* o_z0, double* o_u, double* o_v,
-    double* o_er, double* o_inv_dr) {
+// one thread per (middle, layer): the candidate window on that layer (z on barrels, r on discs)
+// and the phi bins it spans; n_bins = 0 where the layer cannot hold a partner
+extern "C" __global__ void doublet_windows(
+    const double* z, const double* r, const double* phi, const long long* middles, int n_mid, int n_layers,
+    int n_phi, const bool* is_disc, const double* lr_lo, const double* lr_hi, const double* lz_lo,
+    const double* lz_hi, int top, const double* cfg, int* n_bins_out, double* c_lo_out, double* c_hi_out,
+    long long* b_lo_out) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)n_mid * n_layers) return;
     int row = (int)(i / n_layers);
@@ -91,83 +88,101 @@ extern "C" __global__ void doublets(
     double c0 = cfg[C0], c1 = cfg[C1], cotmax = cfg[COT_MAX];
     double dr_lo = top ? rm + cfg[DR_MIN] : rm - cfg[DR_MAX];
     double dr_hi = top ? rm + cfg[DR_MAX] : rm - cfg[DR_MIN];
-    int found = 0;
-    long long out = mode ? offset[i] : 0;
-    {
-        double r_lo = lr_lo[l] - 1.0, r_hi = lr_hi[l] + 1.0, z_lo = lz_lo[l] - 1.0, z_hi = lz_hi[l] + 1.0;
-        double c_lo, c_hi, r_other;
-        bool ok;
-        if (!is_disc[l]) {
-            double ra = fmax(r_lo, dr_lo), rb = fmin(r_hi, dr_hi);
-            double zw0 = c0 + (zm - c0) * ra / rm, zw1 = c1 + (zm - c1) * ra / rm;
-            double zw2 = c0 + (zm - c0) * rb / rm, zw3 = c1 + (zm - c1) * rb / rm;
-            double bz_lo = fmin(fmin(zw0, zw1), fmin(zw2, zw3));
-            double bz_hi = fmax(fmax(zw0, zw1), fmax(zw2, zw3));
-            double d_far = fmax(fabs(ra - rm), fabs(rb - rm)) * cotmax;
-            bz_lo = fmax(bz_lo, zm - d_far);
-            bz_hi = fmin(bz_hi, zm + d_far);
-            double margin = 2.0 + 0.005 * fmax(fabs(bz_lo), fabs(bz_hi));
-            ok = (ra <= rb) && (bz_lo <= bz_hi);
-            c_lo = bz_lo - margin; c_hi = bz_hi + margin;
-            r_other = top ? rb : ra;
-        } else {
-            double d0_ = (zm == c0) ? 1e-9 : zm - c0, d1_ = (zm == c1) ? 1e-9 : zm - c1;
-            double q0 = (z_lo - c0) / d0_, q1 = (z_lo - c1) / d1_, q2 = (z_hi - c0) / d0_, q3 = (z_hi - c1) / d1_;
-            double q_lo = fmin(fmin(q0, q1), fmin(q2, q3)), q_hi = fmax(fmax(q0, q1), fmax(q2, q3));
-            double a = fmax(rm * q_lo, fmax(r_lo, dr_lo));
-            double b = fmin(rm * q_hi, fmin(r_hi, dr_hi));
-            double dz_min = fmax(fmax(z_lo - zm, zm - z_hi), 0.0) / cotmax;
-            if (top) a = fmax(a, rm + dz_min); else b = fmin(b, rm - dz_min);
-            double margin = 1.0 + 0.005 * fabs(b);
-            ok = (q_lo > 0) && (a <= b);
-            c_lo = a - margin; c_hi = b + margin;
-            r_other = top ? b : a;
-        }
-        if (!ok) { if (!mode) count[i] = 0; return; }
-        double r_o = fmax(r_other, 1.0);
-        double reach = top ? phi_reach_(rm, r_o, cfg[TWO_R_MIN], cfg[IMPACT_MAX])
-                           : phi_reach_(r_o, rm, cfg[TWO_R_MIN], cfg[IMPACT_MAX]);
-        long long b_lo = (long long)floor((phim - reach + PI) / cfg[PHI_WIDTH]);
-        long long b_hi = (long long)floor((phim + reach + PI) / cfg[PHI_WIDTH]);
-        long long n_bins = b_hi - b_lo + 1;
-        if (n_bins > n_phi) n_bins = n_phi;
-        for (long long k = 0; k < n_bins; ++k) {
-            long long bb = ((b_lo + k) % n_phi + n_phi) % n_phi;
-            long long seg = ((long long)event[m] * n_layers + l) * n_phi + bb;
-            double base = (double)seg * cfg[Z_SPAN] + cfg[Z_OFFSET];
-            long long lo = lower_(grid_key, n_grid, base + c_lo);
-            long long hi = upper_(grid_key, n_grid, base + c_hi);
-            for (long long pos = lo; pos < hi; ++pos) {
-                long long o = grid_order[pos];
-                double dr = top ? r[o] - rm : rm - r[o];
-                double dz = top ? z[o] - zm : zm - z[o];
-                bool good = (dr >= cfg[DR_MIN]) && (dr <= cfg[DR_MAX]);
-                double cot = dz / (good ? dr : 1.0);
-                double z0 = zm - rm * cot;
-                good = good && (fabs(cot) <= cotmax) && (z0 >= c0) && (z0 <= c1);
-                double r_in = fmin(r[o], rm), r_out = fmax(r[o], rm);
-                double dp = phi[o] - phim + PI;
-                dp = fabs(dp - TWO_PI * floor(dp / TWO_PI) - PI);
-                good = good && (dp <= phi_reach_(r_in, r_out, cfg[TWO_R_MIN], cfg[IMPACT_MAX]));
-                if (!good) continue;
-                if (mode) {
-                    double cos_m = x[m] / rm, sin_m = y[m] / rm;
-                    double dx = x[o] - x[m], dy = y[o] - y[m];
-                    double xr = dx * cos_m + dy * sin_m, yr = dy * cos_m - dx * sin_m;
-                    double inv_dr2 = 1.0 / (xr * xr + yr * yr);
-                    double inv_dr = sqrt(inv_dr2);
-                    double c = (z[o] - zm) * inv_dr * (top ? 1.0 : -1.0);
-                    o_middle[out] = row; o_other[out] = o; o_cot[out] = c; o_z0[out] = z0;
-                    o_u[out] = xr * inv_dr2; o_v[out] = yr * inv_dr2;
-                    o_er[out] = ((var_z[m] + var_z[o]) + c * c * (var_r[m] + var_r[o])) * inv_dr2;
-                    o_inv_dr[out] = inv_dr;
-                    ++out;
-                }
-                ++found;
-            }
-        }
+    double r_lo = lr_lo[l] - 1.0, r_hi = lr_hi[l] + 1.0, z_lo = lz_lo[l] - 1.0, z_hi = lz_hi[l] + 1.0;
+    double c_lo, c_hi, r_other;
+    bool ok;
+    if (!is_disc[l]) {
+        double ra = fmax(r_lo, dr_lo), rb = fmin(r_hi, dr_hi);
+        double zw0 = c0 + (zm - c0) * ra / rm, zw1 = c1 + (zm - c1) * ra / rm;
+        double zw2 = c0 + (zm - c0) * rb / rm, zw3 = c1 + (zm - c1) * rb / rm;
+        double bz_lo = fmin(fmin(zw0, zw1), fmin(zw2, zw3));
+        double bz_hi = fmax(fmax(zw0, zw1), fmax(zw2, zw3));
+        double d_far = fmax(fabs(ra - rm), fabs(rb - rm)) * cotmax;
+        bz_lo = fmax(bz_lo, zm - d_far);
+        bz_hi = fmin(bz_hi, zm + d_far);
+        double margin = 2.0 + 0.005 * fmax(fabs(bz_lo), fabs(bz_hi));
+        ok = (ra <= rb) && (bz_lo <= bz_hi);
+        c_lo = bz_lo - margin; c_hi = bz_hi + margin;
+        r_other = top ? rb : ra;
+    } else {
+        double d0_ = (zm == c0) ? 1e-9 : zm - c0, d1_ = (zm == c1) ? 1e-9 : zm - c1;
+        double q0 = (z_lo - c0) / d0_, q1 = (z_lo - c1) / d1_, q2 = (z_hi - c0) / d0_, q3 = (z_hi - c1) / d1_;
+        double q_lo = fmin(fmin(q0, q1), fmin(q2, q3)), q_hi = fmax(fmax(q0, q1), fmax(q2, q3));
+        double a = fmax(rm * q_lo, fmax(r_lo, dr_lo));
+        double b = fmin(rm * q_hi, fmin(r_hi, dr_hi));
+        double dz_min = fmax(fmax(z_lo - zm, zm - z_hi), 0.0) / cotmax;
+        if (top) a = fmax(a, rm + dz_min); else b = fmin(b, rm - dz_min);
+        double margin = 1.0 + 0.005 * fabs(b);
+        ok = (q_lo > 0) && (a <= b);
+        c_lo = a - margin; c_hi = b + margin;
+        r_other = top ? b : a;
     }
-    if (!mode) count[i] = found;
+    if (!ok) { n_bins_out[i] = 0; return; }
+    double r_o = fmax(r_other, 1.0);
+    double reach = top ? phi_reach_(rm, r_o, cfg[TWO_R_MIN], cfg[IMPACT_MAX])
+                       : phi_reach_(r_o, rm, cfg[TWO_R_MIN], cfg[IMPACT_MAX]);
+    long long b_lo = (long long)floor((phim - reach + PI) / cfg[PHI_WIDTH]);
+    long long b_hi = (long long)floor((phim + reach + PI) / cfg[PHI_WIDTH]);
+    long long n_bins = b_hi - b_lo + 1;
+    if (n_bins > n_phi) n_bins = n_phi;
+    n_bins_out[i] = (int)n_bins;
+    c_lo_out[i] = c_lo; c_hi_out[i] = c_hi; b_lo_out[i] = b_lo;
+}
+
+// one thread per (middle, layer, phi bin) item; mode 0: count doublets; mode 1: fill from offset[item]
+extern "C" __global__ void doublet_scan(
+    const double* x, const double* y, const double* z, const double* r, const double* phi,
+    const double* var_r, const double* var_z, const int* event,
+    const long long* grid_order, const double* grid_key, long long n_grid, int n_phi, int n_layers,
+    const long long* middles, const long long* item_ml, const long long* item_k, long long n_items,
+    long long row0, const double* c_lo_a, const double* c_hi_a, const long long* b_lo_a,
+    int top, const double* cfg, int mode, int* count, const long long* offset,
+    int* o_middle, long long* o_other, double* o_cot, double* o_z0, double* o_u, double* o_v,
+    double* o_er, double* o_inv_dr) {
+    long long it = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (it >= n_items) return;
+    long long ml = item_ml[it];
+    int row = (int)(ml / n_layers);
+    int l = (int)(ml % n_layers);
+    long long m = middles[row];
+    double rm = r[m], zm = z[m], phim = phi[m];
+    double c0 = cfg[C0], c1 = cfg[C1], cotmax = cfg[COT_MAX];
+    long long bb = ((b_lo_a[ml] + item_k[it]) % n_phi + n_phi) % n_phi;
+    long long seg = ((long long)event[m] * n_layers + l) * n_phi + bb;
+    double base = (double)seg * cfg[Z_SPAN] + cfg[Z_OFFSET];
+    long long lo = lower_(grid_key, n_grid, base + c_lo_a[ml]);
+    long long hi = upper_(grid_key, n_grid, base + c_hi_a[ml]);
+    int found = 0;
+    long long out = mode ? offset[it] : 0;
+    for (long long pos = lo; pos < hi; ++pos) {
+        long long o = grid_order[pos];
+        double dr = top ? r[o] - rm : rm - r[o];
+        double dz = top ? z[o] - zm : zm - z[o];
+        bool good = (dr >= cfg[DR_MIN]) && (dr <= cfg[DR_MAX]);
+        double cot = dz / (good ? dr : 1.0);
+        double z0 = zm - rm * cot;
+        good = good && (fabs(cot) <= cotmax) && (z0 >= c0) && (z0 <= c1);
+        double r_in = fmin(r[o], rm), r_out = fmax(r[o], rm);
+        double dp = phi[o] - phim + PI;
+        dp = fabs(dp - TWO_PI * floor(dp / TWO_PI) - PI);
+        good = good && (dp <= phi_reach_(r_in, r_out, cfg[TWO_R_MIN], cfg[IMPACT_MAX]));
+        if (!good) continue;
+        if (mode) {
+            double cos_m = x[m] / rm, sin_m = y[m] / rm;
+            double dx = x[o] - x[m], dy = y[o] - y[m];
+            double xr = dx * cos_m + dy * sin_m, yr = dy * cos_m - dx * sin_m;
+            double inv_dr2 = 1.0 / (xr * xr + yr * yr);
+            double inv_dr = sqrt(inv_dr2);
+            double c = (z[o] - zm) * inv_dr * (top ? 1.0 : -1.0);
+            o_middle[out] = (int)(row - row0); o_other[out] = o; o_cot[out] = c; o_z0[out] = z0;
+            o_u[out] = xr * inv_dr2; o_v[out] = yr * inv_dr2;
+            o_er[out] = ((var_z[m] + var_z[o]) + c * c * (var_r[m] + var_r[o])) * inv_dr2;
+            o_inv_dr[out] = inv_dr;
+            ++out;
+        }
+        ++found;
+    }
+    if (!mode) count[it] = found;
 }
 
 // one thread per bottom doublet j; tops of its middle are [top_off[mid], top_off[mid + 1])
@@ -365,23 +380,58 @@ def find_seeds(
         xp.int64(key.shape[0]),
         xp.int32(n_phi),
         xp.int32(geo.n_layers),
-        *layers,
     )
     n_layers = geo.n_layers
+    n_ml = n_mid * n_layers
     d_i, d_l, d_d = xp.zeros(1, xp.int32), xp.zeros(1, xp.int64), xp.zeros(1, f64)
-    # count doublets of every (middle, layer) on both sides, then cut the middles into chunks whose
-    # doublets fit the bound: memory stays bounded whatever the pile-up or batch size
-    counts = []
+    # per side: windows of every (middle, layer), then one work item per (middle, layer, phi bin) so
+    # that dense windows do not serialize a thread; count doublets per item, then cut the middles into
+    # chunks whose doublets fit the bound: memory stays bounded whatever the pile-up or batch size
+    sides = []
     for top in (0, 1):
-        count = xp.zeros(n_mid * n_layers, dtype=xp.int32)
+        n_bins = xp.empty(n_ml, dtype=xp.int32)
+        c_lo, c_hi = xp.empty(n_ml, dtype=f64), xp.empty(n_ml, dtype=f64)
+        b_lo = xp.empty(n_ml, dtype=xp.int64)
+        with section("seeding.doublet_windows"):
+            _launch(
+                "doublet_windows",
+                n_ml,
+                (
+                    z,
+                    r,
+                    phi,
+                    mids,
+                    xp.int32(n_mid),
+                    xp.int32(n_layers),
+                    xp.int32(n_phi),
+                    *layers,
+                    xp.int32(top),
+                    cfgv,
+                    n_bins,
+                    c_lo,
+                    c_hi,
+                    b_lo,
+                ),
+            )
+        item_ml = repeat_index(xp, n_bins)
+        n_items = int(item_ml.shape[0])
+        first = xp.cumsum(n_bins.astype(xp.int64)) - n_bins
+        item_k = xp.arange(n_items, dtype=xp.int64) - first[item_ml] if n_items else item_ml
+        count = xp.zeros(n_items, dtype=xp.int32)
         with section("seeding.doublets_count"):
             _launch(
-                "doublets",
-                n_mid * n_layers,
+                "doublet_scan",
+                n_items,
                 (
                     *grid_args,
                     mids,
-                    xp.int32(n_mid),
+                    item_ml,
+                    item_k,
+                    xp.int64(n_items),
+                    xp.int64(0),
+                    c_lo,
+                    c_hi,
+                    b_lo,
                     xp.int32(top),
                     cfgv,
                     xp.int32(0),
@@ -392,8 +442,27 @@ def find_seeds(
                     *(d_d,) * 6,
                 ),
             )
-        counts.append(count)
-    work = (counts[0] + counts[1]).reshape(n_mid, n_layers).sum(axis=1, dtype=xp.int64)
+        # first item of every middle (items are grouped by middle)
+        items_per_mid = n_bins.reshape(n_mid, n_layers).sum(axis=1, dtype=xp.int64)
+        mid_item_off = xp.zeros(n_mid + 1, dtype=xp.int64)
+        mid_item_off[1:] = xp.cumsum(items_per_mid)
+        item_cum = xp.zeros(n_items + 1, dtype=xp.int64)
+        item_cum[1:] = xp.cumsum(count)
+        sides.append(
+            {
+                "c_lo": c_lo,
+                "c_hi": c_hi,
+                "b_lo": b_lo,
+                "item_ml": item_ml,
+                "item_k": item_k,
+                "count": count,
+                "mid_item_off": mid_item_off,
+                "doublets_per_mid": item_cum[mid_item_off],
+            }
+        )
+    work = (sides[0]["doublets_per_mid"][1:] - sides[0]["doublets_per_mid"][:-1]) + (
+        sides[1]["doublets_per_mid"][1:] - sides[1]["doublets_per_mid"][:-1]
+    )
     cum = xp.cumsum(work)
     total = int(cum[-1]) if n_mid else 0
     n_chunks = max(1, -(-total // cfg.max_candidates_per_chunk))
@@ -402,15 +471,19 @@ def find_seeds(
         cuts = xp.searchsorted(cum, xp.arange(1, n_chunks, dtype=xp.int64) * cfg.max_candidates_per_chunk)
         bounds += [int(c) for c in cuts.tolist()]
     bounds.append(n_mid)
+    mid_off_host = [side["mid_item_off"][xp.asarray(bounds)].tolist() for side in sides]
     parts = []
-    for lo_m, hi_m in itertools.pairwise(bounds):
+    for c, (lo_m, hi_m) in enumerate(itertools.pairwise(bounds)):
         if hi_m <= lo_m:
             continue
         part = _chunk(
             xp,
             grid_args,
-            mids[lo_m:hi_m],
-            [c[lo_m * n_layers : hi_m * n_layers] for c in counts],
+            mids,
+            lo_m,
+            hi_m,
+            sides,
+            [(h[c], h[c + 1]) for h in mid_off_host],
             n_layers,
             cfgv,
             cfg,
@@ -442,7 +515,10 @@ def _chunk(
     xp: ModuleType,
     grid_args: tuple,
     mids: Array,
-    counts: list[Array],
+    lo_m: int,
+    hi_m: int,
+    sides: list[dict],
+    item_ranges: list[tuple[int, int]],
     n_layers: int,
     cfgv: Array,
     cfg: Any,
@@ -452,11 +528,12 @@ def _chunk(
     var_r: Array,
     var_z: Array,
 ) -> tuple | None:
-    """Seeds of one chunk of middle spacepoints: (bottom, middle, top, weight, z_vertex)."""
+    """Seeds of the middles [lo_m, hi_m): (bottom, middle, top, weight, z_vertex)."""
     f64 = xp.float64
-    n_mid = int(mids.shape[0])
-    sides = []
-    for top, count in ((0, counts[0]), (1, counts[1])):
+    n_mid = hi_m - lo_m
+    filled = []
+    for top, (side, (i0, i1)) in enumerate(zip(sides, item_ranges, strict=True)):
+        count = side["count"][i0:i1]
         off, total = _exclusive(xp, count)
         d = {
             "middle": xp.empty(total, xp.int32),
@@ -465,12 +542,18 @@ def _chunk(
         }
         with section("seeding.doublets_fill"):
             _launch(
-                "doublets",
-                n_mid * n_layers,
+                "doublet_scan",
+                i1 - i0,
                 (
                     *grid_args,
                     mids,
-                    xp.int32(n_mid),
+                    xp.ascontiguousarray(side["item_ml"][i0:i1]),
+                    xp.ascontiguousarray(side["item_k"][i0:i1]),
+                    xp.int64(i1 - i0),
+                    xp.int64(lo_m),
+                    side["c_lo"],
+                    side["c_hi"],
+                    side["b_lo"],
                     xp.int32(top),
                     cfgv,
                     xp.int32(1),
@@ -486,9 +569,11 @@ def _chunk(
                     d["inv_dr"],
                 ),
             )
-        # doublets are grouped by middle: a middle's range starts at its first layer's offset
-        sides.append((d, xp.ascontiguousarray(off[::n_layers])))
-    (bot, bot_off), (top, top_off) = sides
+        # doublets are grouped by middle: a middle's range starts at its first item's offset
+        mid_start = xp.ascontiguousarray(off[side["mid_item_off"][lo_m : hi_m + 1] - i0])
+        filled.append((d, mid_start))
+    (bot, bot_off), (top, top_off) = filled
+    mids = mids[lo_m:hi_m]
     n_bot = int(bot["middle"].shape[0])
     if n_bot == 0 or int(top["middle"].shape[0]) == 0:
         return None
