@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("producer.launch", "start a fleet under supervisord (broker, workers per GPU or CPU)"),
     "status": ("producer.launch", "show the fleet's programs and the broker's queue and workers"),
     "down": ("producer.launch", "stop the fleet started by 'trackfleet up'"),
+    "perf": ("metrics.perf", "throughput / latency / GPU utilization sweeps, like Triton's perf_analyzer"),
     "gateway": ("producer.gateway.cli", "serve the fleet over KServe v2 (HTTP, gRPC) to Triton's clients"),
     "validate": (
         "producer.validate",
