@@ -19,7 +19,7 @@ shift $(($# >= 2 ? 2 : $#))
 cd "$here"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 export TRACKFLEET_CACHE_DIR="${TRACKFLEET_CACHE_DIR:-${TMPDIR:-/tmp}/trackfleet-cache}"
-exec "${PYTHON:-python3}" -m producer.cli -v perf \
+exec "${PYTHON:-python3}" -m metrics.perf -v \
   --input "$events" --output "$out" --backend cupy --gpus "${GPUS:-0}" \
   --instances "${INSTANCES:-1,2,4,6,8}" --concurrency "${CONCURRENCY:-1,2,4,8,12,16}" \
   --window-s "${WINDOW_S:-1.5}" --stable-windows 3 --stability 0.1 --max-windows 6 --warmup-s 3 \

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from broker.errors import ConfigError
-from metrics.gpu import GpuSampler
+from metrics.nvml import GpuSampler
 
 log = logging.getLogger(__name__)
 
@@ -666,11 +666,23 @@ class Sweep:
         total = sum(self._per_gpu.values())
         t0 = self.clock()
         log.info("waiting for %d workers (up to %.0f s)", total, timeout_s)
-        try:
-            fleet.wait_ready(total, timeout_s=timeout_s)
-        except RuntimeError:
-            self._failed_fleet = True
-            raise
+        while True:  # fleet.wait_ready, but a worker that exits (no GPU, bad option) fails the sweep at once
+            stats = fleet.stats(1.0) or {}
+            if stats.get("n_workers", 0) >= total:
+                break
+            dead = [p for p in fleet.workers if p.poll() is not None]
+            if dead or self.clock() - t0 > timeout_s:
+                self._failed_fleet = True
+                why = (
+                    f"worker exited with code {dead[0].returncode}"
+                    if dead
+                    else f"not all up in {timeout_s:.0f} s"
+                )
+                raise RuntimeError(
+                    f"{stats.get('n_workers', 0)} of {total} workers registered ({why}); "
+                    f"see {self.cfg.output / 'fleet-logs.txt'}"
+                )
+            time.sleep(0.5)
         log.info("%d workers ready after %.1f s", total, self.clock() - t0)
 
     def _warm_up(self, gen: LoadGenerator, n_workers: int, deadline: float) -> None:
@@ -807,7 +819,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg.output.mkdir(parents=True, exist_ok=True)
     handler = _log_to_file(cfg.output / "perf.log")
-    sweep = Sweep(cfg, argv=["trackfleet", *sys.argv[1:]] if sys.argv else ())
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("perf.py", "metrics.perf")):
+        argv[0] = "python -m metrics.perf"
+    elif argv:
+        argv[0] = "trackfleet"
+    sweep = Sweep(cfg, argv=argv)
     code = 0
     try:
         sweep.run()
@@ -824,3 +841,25 @@ def run(args: argparse.Namespace) -> int:
         handler.close()
     sys.stdout.write(f"{len(sweep.rows)} rows in {cfg.output / 'perf.csv'}\n")
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m metrics.perf``: the same as ``trackfleet perf``, without loading the other subcommands
+    (a GPU machine may lack their optional dependencies)."""
+    p = argparse.ArgumentParser(prog="python -m metrics.perf", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    level = logging.WARNING if args.verbose <= 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("perf: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -248,3 +248,22 @@ def test_sweep_through_a_local_fleet_growing_from_one_to_two_workers(tmp_path, c
     data = json.loads((cfg.output / "perf.json").read_text())
     assert data["meta"]["command"] == "trackfleet perf ..." and len(data["rows"]) == 4
     assert data["meta"]["config"]["instances"] == [1, 2] and data["meta"]["duration_s"] > 0
+
+
+def test_perf_needs_neither_prometheus_client_nor_matplotlib_nor_pynvml():
+    # a GPU machine may have only the fleet's own dependencies: the sweep must import and parse there
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "for m in ('prometheus_client', 'matplotlib', 'pynvml'): sys.modules[m] = None\n"
+        "import metrics.perf, producer.launch, producer.client\n"
+        "try:\n"
+        "    metrics.perf.main(['--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--concurrency" in out.stdout
