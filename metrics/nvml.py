@@ -245,9 +245,12 @@ class GpuSampler:
             self._thread.join(5.0)
 
     def devices(self) -> list[GpuReading]:
-        """The latest readings (names, uuids, totals), [] without a source."""
+        """The latest readings (names, uuids, totals), [] without a source; reads once itself when the
+        sampling thread has not produced a sample yet (right after :meth:`start`)."""
         with self._lock:
-            return list(self.samples[-1][1]) if self.samples else []
+            if self.samples:
+                return list(self.samples[-1][1])
+        return list(self._read())
 
     def summary(self, t0: float, t1: float) -> dict[str, float | None]:
         """Readings between ``t0`` and ``t1`` [s, on :attr:`clock`]: mean utilization over the GPUs, peak
