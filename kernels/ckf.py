@@ -449,20 +449,7 @@ def _array_step(
         mv1[mi],
         meas.dimension[mi],
     )
-    children = {
-        "params": up_p,
-        "cov": up_c,
-        "module": found.module[pair],
-        "event": st["event"][cand],
-        "seed": st["seed"][cand],
-        "node": nodes.add(st["node"][cand], mi),
-        "n_meas": st["n_meas"][cand] + 1,
-        "holes": st["holes"][cand],
-        "chi2": st["chi2"][cand] + up_chi,
-        "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
-        "m1": mi.astype(xp.int64),
-        "m2": st["m1"][cand],
-    }
+    children = _children(xp, st, cand, up_p, up_c, up_chi, found.module[pair], mi, nodes)
     children = ctx.overlap(children, layer[cand], nodes)
     # candidates without a compatible measurement continue on their prediction at the nearest
     # module crossed (a hole when inside its bounds), or stay put past a gap in the layer
@@ -473,31 +460,13 @@ def _array_step(
     pr = found.nearest[lost]
     moved = pr >= 0
     pr0 = xp.maximum(pr, 0)
-    holes = st["holes"][lost] + found.crossed[lost].astype(xp.int64)
     if found.pred_params.shape[0]:
-        lone_params = xp.where(moved[:, None], found.pred_params[pr0], st["params"][lost])
-        lone_cov = xp.where(moved[:, None, None], found.pred_cov[pr0], cov[lost])
-        lone_module = xp.where(moved, found.module[pr0], st["module"][lost])
+        pred = (found.pred_params[pr0], found.pred_cov[pr0], found.module[pr0])
     else:
-        lone_params, lone_cov, lone_module = st["params"][lost], cov[lost], st["module"][lost]
-    lone = {
-        "params": lone_params,
-        "cov": lone_cov,
-        "module": lone_module,
-        "event": st["event"][lost],
-        "seed": st["seed"][lost],
-        "node": st["node"][lost],
-        "n_meas": st["n_meas"][lost],
-        "holes": holes,
-        "chi2": st["chi2"][lost],
-        "s_done": xp.where(moved, 0.0, s_layer[lost]),
-        "m1": st["m1"][lost],
-        "m2": st["m2"][lost],
-    }
-    too_many = holes > cfg.max_holes
-    if bool(too_many.any()):
-        done.append({k: v[too_many] for k, v in lone.items()})
-    lone = {k: v[~too_many] for k, v in lone.items()}
+        pred = (st["params"][lost], cov[lost], st["module"][lost])
+    lone = _continue_without_measurement(
+        xp, st, lost, cov, moved, pred, found.crossed[lost], s_layer, cfg.max_holes, done
+    )
     return done, {k: xp.concatenate([children[k], lone[k]]) for k in children}
 
 
@@ -551,20 +520,7 @@ def _fused_step(
         mv1[mi],
         meas.dimension[mi],
     )
-    children = {
-        "params": up_p,
-        "cov": up_c,
-        "module": res["module"][flat],
-        "event": st["event"][cand],
-        "seed": st["seed"][cand],
-        "node": nodes.add(st["node"][cand], mi),
-        "n_meas": st["n_meas"][cand] + 1,
-        "holes": st["holes"][cand],
-        "chi2": st["chi2"][cand] + up_chi,
-        "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
-        "m1": mi.astype(xp.int64),
-        "m2": st["m1"][cand],
-    }
+    children = _children(xp, st, cand, up_p, up_c, up_chi, res["module"][flat], mi, nodes)
     if cand.shape[0]:
         with section("finding.overlap_search"):
             ov = fused.layer_search(
@@ -611,11 +567,61 @@ def _fused_step(
     lost = xp.nonzero(n_found == 0)[0]
     near = res["near_module"][go][lost]
     moved = near >= 0
-    holes = st["holes"][lost] + res["crossed"][go][lost].astype(xp.int64)
+    pred = (res["near_params"][go][lost], res["near_cov"][go][lost], near)
+    lone = _continue_without_measurement(
+        xp, st, lost, cov, moved, pred, res["crossed"][go][lost], s_layer, cfg.max_holes, done
+    )
+    return done, {k: xp.concatenate([children[k], lone[k]]) for k in children}
+
+
+def _children(
+    xp: ModuleType,
+    st: dict[str, Array],
+    cand: Array,
+    params: Array,
+    cov: Array,
+    chi2: Array,
+    module: Array,
+    meas: Array,
+    nodes: _Nodes,
+) -> dict[str, Array]:
+    """Candidates ``cand`` extended by measurements ``meas`` (updated states on ``module``)."""
+    return {
+        "params": params,
+        "cov": cov,
+        "module": module,
+        "event": st["event"][cand],
+        "seed": st["seed"][cand],
+        "node": nodes.add(st["node"][cand], meas),
+        "n_meas": st["n_meas"][cand] + 1,
+        "holes": st["holes"][cand],
+        "chi2": st["chi2"][cand] + chi2,
+        "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
+        "m1": meas.astype(xp.int64),
+        "m2": st["m1"][cand],
+    }
+
+
+def _continue_without_measurement(
+    xp: ModuleType,
+    st: dict[str, Array],
+    lost: Array,
+    cov: Array,
+    moved: Array,
+    pred: tuple[Array, Array, Array],
+    crossed: Array,
+    s_layer: Array,
+    max_holes: int,
+    done: list[dict[str, Array]],
+) -> dict[str, Array]:
+    """Candidates ``lost`` found nothing on the layer: they continue on their prediction on the nearest
+    module crossed (``moved``; a hole when inside its bounds) or stay put past a gap. Those over
+    ``max_holes`` holes are appended to ``done``; the others are returned."""
+    holes = st["holes"][lost] + crossed.astype(xp.int64)
     lone = {
-        "params": xp.where(moved[:, None], res["near_params"][go][lost], st["params"][lost]),
-        "cov": xp.where(moved[:, None, None], res["near_cov"][go][lost], cov[lost]),
-        "module": xp.where(moved, near, st["module"][lost]),
+        "params": xp.where(moved[:, None], pred[0], st["params"][lost]),
+        "cov": xp.where(moved[:, None, None], pred[1], cov[lost]),
+        "module": xp.where(moved, pred[2], st["module"][lost]),
         "event": st["event"][lost],
         "seed": st["seed"][lost],
         "node": st["node"][lost],
@@ -626,11 +632,10 @@ def _fused_step(
         "m1": st["m1"][lost],
         "m2": st["m2"][lost],
     }
-    too_many = holes > cfg.max_holes
+    too_many = holes > max_holes
     if bool(too_many.any()):
         done.append({k: v[too_many] for k, v in lone.items()})
-    lone = {k: v[~too_many] for k, v in lone.items()}
-    return done, {k: xp.concatenate([children[k], lone[k]]) for k in children}
+    return {k: v[~too_many] for k, v in lone.items()}
 
 
 def _collect(

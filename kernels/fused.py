@@ -100,6 +100,23 @@ __device__ void plane_map_(const double* rot, const double* trans, int src, int 
     out[0] = l0; out[1] = l1; out[2] = wrap_(pphi); out[3] = p[3]; out[4] = p[4];
 }
 
+// out = J C J^T for 5x5 row-major matrices
+__device__ void sandwich_(const double* J, const double* C, double* out) {
+    double JC[25];
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b) {
+            double acc = 0.0;
+            for (int c = 0; c < 5; ++c) acc += J[5 * a + c] * C[5 * c + b];
+            JC[5 * a + b] = acc;
+        }
+    for (int a = 0; a < 5; ++a)
+        for (int b = 0; b < 5; ++b) {
+            double acc = 0.0;
+            for (int c = 0; c < 5; ++c) acc += JC[5 * a + c] * J[5 * b + c];
+            out[5 * a + b] = acc;
+        }
+}
+
 // base parameters on dst, their Jacobian J (row-major [out][in]) and J C J^T; returns the path length
 __device__ double transport_(const double* rot, const double* trans, int src, int dst, const double* p,
                              const double* C, double bfield, double c_light, int steps, const double* fd,
@@ -119,19 +136,7 @@ __device__ double transport_(const double* rot, const double* trans, int src, in
             J[5 * j + k] = d / step[k];
         }
     }
-    double JC[25];
-    for (int a = 0; a < 5; ++a)
-        for (int b = 0; b < 5; ++b) {
-            double acc = 0.0;
-            for (int c = 0; c < 5; ++c) acc += J[5 * a + c] * C[5 * c + b];
-            JC[5 * a + b] = acc;
-        }
-    for (int a = 0; a < 5; ++a)
-        for (int b = 0; b < 5; ++b) {
-            double acc = 0.0;
-            for (int c = 0; c < 5; ++c) acc += JC[5 * a + c] * J[5 * b + c];
-            out_cov[5 * a + b] = acc;
-        }
+    sandwich_(J, C, out_cov);
     return s;
 }
 
@@ -174,15 +179,11 @@ extern "C" __global__ void transport(
                           steps, fd, out_params + 5 * (long)i, out_jac + 25 * (long)i, out_cov + 25 * (long)i);
 }
 
-extern "C" __global__ void next_layer(
-    const bool* is_disc, const double* position, const double* lo, const double* hi, int n_layers,
-    const double* x, const double* y, const double* z, const double* phi, const double* theta, const double* h,
-    const long long* exclude, const double* s_min, double tol, int n, int steps, long long* out_layer,
-    double* out_s) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    double st = sin(theta[i]), ct = cos(theta[i]);
-    double x0 = x[i], y0 = y[i], z0 = z[i], phi0 = phi[i], hh = h[i];
+// the nearest layer ahead of a track (not `exclude`, further than s_min): returns it (-1: none), s in *s_out
+__device__ long long next_layer_(const bool* is_disc, const double* position, const double* lo, const double* hi,
+                                 int n_layers, double x0, double y0, double z0, double phi0, double theta,
+                                 double hh, long long exclude, double s_min, double tol, int steps, double* s_out) {
+    double st = sin(theta), ct = cos(theta);
     double tx = st * cos(phi0), ty = st * sin(phi0);
     double a = fmax(tx * tx + ty * ty, 1e-18);
     double b = x0 * tx + y0 * ty;
@@ -213,14 +214,25 @@ extern "C" __global__ void next_layer(
         helix_(x0, y0, z0, phi0, st, ct, hh, s, &px, &py, &pz, &pphi);
         double r = hypot(px, py);
         double u = is_disc[l] ? r : pz;
-        bool ok = (u >= lo[l] - tol) && (u <= hi[l] + tol) && (s > s_min[i] + 1e-3);
+        bool ok = (u >= lo[l] - tol) && (u <= hi[l] + tol) && (s > s_min + 1e-3);
         ok = ok && (is_disc[l] || (reachable && fabs(r - pos) < 1.0));
-        ok = ok && (fabs(hh * s) < PI) && ((long long)l != exclude[i]);
+        ok = ok && (fabs(hh * s) < PI) && ((long long)l != exclude);
         double s_ok = ok ? s : BIG;
         if (s_ok < best_s) { best_s = s_ok; best = l; }
     }
-    out_layer[i] = best_s < BIG ? best : -1;
-    out_s[i] = best_s;
+    *s_out = best_s;
+    return best_s < BIG ? best : -1;
+}
+
+extern "C" __global__ void next_layer(
+    const bool* is_disc, const double* position, const double* lo, const double* hi, int n_layers,
+    const double* x, const double* y, const double* z, const double* phi, const double* theta, const double* h,
+    const long long* exclude, const double* s_min, double tol, int n, int steps, long long* out_layer,
+    double* out_s) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out_layer[i] = next_layer_(is_disc, position, lo, hi, n_layers, x[i], y[i], z[i], phi[i], theta[i], h[i],
+                               exclude[i], s_min[i], tol, steps, out_s + i);
 }
 
 extern "C" __global__ void kalman_update(
@@ -279,43 +291,8 @@ extern "C" __global__ void layer_search(
     double s_layer, lx, ly, lz;
     int exclude_module = -1;
     if (mode == 0) {
-        long long exclude = module_layer[mod];
-        double tx = st * cos(phi), ty = st * sin(phi);
-        double a = fmax(tx * tx + ty * ty, 1e-18);
-        double b = x * tx + y * ty;
-        double best_s = BIG;
-        long long best = 0;
-        for (int l = 0; l < n_layers; ++l) {
-            double pos = l_pos[l];
-            double s;
-            bool reachable = true;
-            double px, py, pz, pphi;
-            if (l_is_disc[l]) {
-                s = (pos - z) / (fabs(ct) < 1e-12 ? 1e-12 : ct);
-            } else {
-                double c = x * x + y * y - pos * pos;
-                if (c > 0 && b >= 0) continue;  // both crossings behind, as in next_layer
-                double disc = b * b - a * c;
-                reachable = disc >= 0;
-                s = (-b + sqrt(fmax(disc, 0.0))) / a;
-                for (int k = 0; k < steps; ++k) {
-                    helix_(x, y, z, phi, st, ct, h, s, &px, &py, &pz, &pphi);
-                    double g = px * px + py * py - pos * pos;
-                    double dg = 2.0 * st * (px * cos(pphi) + py * sin(pphi));
-                    s = s - g / guard_(dg, 1e-9);
-                }
-            }
-            helix_(x, y, z, phi, st, ct, h, s, &px, &py, &pz, &pphi);
-            double r = hypot(px, py);
-            double u = l_is_disc[l] ? r : pz;
-            bool ok = (u >= l_lo[l] - layer_tol) && (u <= l_hi[l] + layer_tol) && (s > s_done[i] + 1e-3);
-            ok = ok && (l_is_disc[l] || (reachable && fabs(r - pos) < 1.0));
-            ok = ok && (fabs(h * s) < PI) && ((long long)l != exclude);
-            double s_ok = ok ? s : BIG;
-            if (s_ok < best_s) { best_s = s_ok; best = l; }
-        }
-        layer = best_s < BIG ? best : -1;
-        s_layer = best_s;
+        layer = next_layer_(l_is_disc, l_pos, l_lo, l_hi, n_layers, x, y, z, phi, theta, h, module_layer[mod],
+                            s_done[i], layer_tol, steps, &s_layer);
         o_layer[i] = layer;
         o_s_layer[i] = s_layer;
         o_n_found[i] = 0;

@@ -197,19 +197,7 @@ extern "C" __global__ void fit_tracks(
             PJ[5 * j + k] = d / step_[k];
         }
     }
-    double JC[25];
-    for (int a = 0; a < 5; ++a)
-        for (int b = 0; b < 5; ++b) {
-            double acc = 0.0;
-            for (int c = 0; c < 5; ++c) acc += PJ[5 * a + c] * C[5 * c + b];
-            JC[5 * a + b] = acc;
-        }
-    for (int a = 0; a < 5; ++a)
-        for (int b = 0; b < 5; ++b) {
-            double acc = 0.0;
-            for (int c = 0; c < 5; ++c) acc += JC[5 * a + c] * PJ[5 * b + c];
-            out_c[25 * (long)i + 5 * a + b] = acc;
-        }
+    sandwich_(PJ, C, out_c + 25 * (long)i);
     for (int a = 0; a < 5; ++a) {
         out_p[5 * (long)i + a] = per[a];
         ok = ok && isfinite(per[a]) && out_c[25 * (long)i + 6 * a] > 0;
