@@ -169,3 +169,26 @@ def test_dummy_event_is_sorted_and_inside_the_modules(detector):
     idx = np.searchsorted(np.asarray(detector.geometry_id), ev.geometry_id)
     bins = np.asarray(detector.seg_bins)[idx]
     assert np.all(ev.channel0 < np.maximum(bins[:, 0], 1)) and np.all(ev.channel1 < np.maximum(bins[:, 1], 1))
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_during_initialization_exits(tmp_path):
+    """A worker told to stop while it is still loading the detector and warming up leaves promptly
+    (its never-started I/O thread's socket used to keep the ZeroMQ context from terminating)."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--connect", "tcp://127.0.0.1:1", "--warmup", "none"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

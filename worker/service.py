@@ -117,6 +117,10 @@ class WorkerService:
         if self.io is not None and self.io.is_alive():
             while self.io.is_alive():
                 self.io.join(poll_s)
+        elif self.io is not None and self.io.ident is None:
+            # stopped during initialization: the I/O thread never ran, so its outbox socket (bound in its
+            # constructor) is still open and would keep context.term() waiting forever
+            self.io.outbox.close(linger=0)
         self.inbox.close()
         if self.compute is not None:
             self.compute.join(self.config.shutdown_timeout_s + 1.0)
