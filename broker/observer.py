@@ -64,20 +64,22 @@ class BrokerObserver:
 
 
 class ObserverSet:
-    """Calls every observer's hook, isolating failures.
+    """Calls every observer's hook, isolating failures (also used by the worker for its hooks).
 
     Args:
         observers: initial observers.
+        label: who the observers belong to, for the log line of a failing observer.
     """
 
-    def __init__(self, observers: Iterable[BrokerObserver] = ()) -> None:
-        self._observers: list[BrokerObserver] = list(observers)
+    def __init__(self, observers: Iterable[Any] = (), label: str = "broker") -> None:
+        self._observers: list[Any] = list(observers)
+        self._label = label
 
-    def add(self, observer: BrokerObserver) -> None:
+    def add(self, observer: Any) -> None:
         """Subscribe ``observer`` to every hook."""
         self._observers.append(observer)
 
-    def remove(self, observer: BrokerObserver) -> None:
+    def remove(self, observer: Any) -> None:
         """Unsubscribe ``observer``."""
         self._observers.remove(observer)
 
@@ -90,4 +92,4 @@ class ObserverSet:
             try:
                 getattr(obs, hook)(*args)
             except Exception:
-                log.exception("broker observer %r failed in %s; continuing", obs, hook)
+                log.exception("%s observer %r failed in %s; continuing", self._label, obs, hook)

@@ -95,7 +95,7 @@ def _header(**changes):
     [
         (lambda h: b"\xc1garbage", None, "msgpack"),
         (lambda h: msgpack.packb([1, 2]), None, "map"),
-        (_header(format="trackfleet.event"), None, "not trackfleet tracks"),
+        (_header(format="trackfleet.event"), None, "not a trackfleet tracks"),
         (_header(version=99), None, "version 99"),
         (_header(n_tracks=-1), None, "n_tracks"),
         (_header(event_id="x"), None, "event_id"),

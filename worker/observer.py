@@ -12,6 +12,8 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from broker.observer import ObserverSet
+
 log = logging.getLogger(__name__)
 
 
@@ -40,22 +42,8 @@ class WorkerObserver:
         """The broker sent DISCONNECT (it expired or does not know this worker)."""
 
 
-class WorkerObservers:
-    """Fan-out to several observers, isolating failures."""
+class WorkerObservers(ObserverSet):
+    """Fan-out to several worker observers, isolating failures."""
 
     def __init__(self, observers: Iterable[WorkerObserver] = ()) -> None:
-        self._observers = list(observers)
-
-    def add(self, observer: WorkerObserver) -> None:
-        self._observers.append(observer)
-
-    def __len__(self) -> int:
-        return len(self._observers)
-
-    def emit(self, hook: str, *args: Any) -> None:
-        """Call ``hook(*args)`` on every observer; one that raises is logged and skipped."""
-        for obs in self._observers:
-            try:
-                getattr(obs, hook)(*args)
-            except Exception:
-                log.exception("worker observer %r failed in %s; continuing", obs, hook)
+        super().__init__(observers, label="worker")

@@ -131,26 +131,36 @@ def pack_event(cells: Cells, detector: str = "") -> tuple[bytes, list[np.ndarray
     return msgpack.packb(header), [np.ascontiguousarray(a) for a in cols.values()]
 
 
+def decode_header(header: bytes | memoryview, format_name: str, version: int, what: str) -> dict[str, Any]:
+    """The msgpack header of a packed object, checked for size, type, format name and version.
+
+    Raises:
+        EventFormatError: naming what is wrong.
+    """
+    if len(header) > MAX_HEADER_BYTES:
+        raise EventFormatError(f"{what} header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        h = msgpack.unpackb(header, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise EventFormatError(f"{what} header is not valid msgpack: {exc}") from exc
+    if not isinstance(h, dict):
+        raise EventFormatError(f"{what} header must be a map")
+    if h.get("format") != format_name:
+        raise EventFormatError(f"not a trackfleet {what} (format={h.get('format')!r})")
+    if h.get("version") != version:
+        raise EventFormatError(
+            f"{what} format version {h.get('version')!r} is not supported (this build reads {version})"
+        )
+    return h
+
+
 def unpack_event(header: bytes | memoryview, buffers: Sequence[Any]) -> PackedEvent:
     """Decode a packed event without copying its columns.
 
     Raises:
         EventFormatError: naming what is wrong (format, version, column, length).
     """
-    if len(header) > MAX_HEADER_BYTES:
-        raise EventFormatError(f"event header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        h = msgpack.unpackb(header, raw=False, strict_map_key=True)
-    except Exception as exc:
-        raise EventFormatError(f"event header is not valid msgpack: {exc}") from exc
-    if not isinstance(h, dict):
-        raise EventFormatError("event header must be a map")
-    if h.get("format") != FORMAT_NAME:
-        raise EventFormatError(f"not a trackfleet event (format={h.get('format')!r})")
-    if h.get("version") != FORMAT_VERSION:
-        raise EventFormatError(
-            f"event format version {h.get('version')!r} is not supported (this build reads {FORMAT_VERSION})"
-        )
+    h = decode_header(header, FORMAT_NAME, FORMAT_VERSION, "event")
     event_id, n_cells, det, spec = (
         h.get("event_id"),
         h.get("n_cells"),

@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from kernels.edm.packed import decode_header
 from kernels.edm.tracks import Tracks
 from kernels.errors import EventFormatError
 from kernels.xp import to_numpy
@@ -88,20 +89,7 @@ def unpack_tracks(header: bytes | memoryview, buffers: Sequence[Any]) -> Tracks:
     Raises:
         EventFormatError: naming what is wrong (format, version, column, length, offsets).
     """
-    if len(header) > MAX_HEADER_BYTES:
-        raise EventFormatError(f"tracks header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        h = msgpack.unpackb(header, raw=False, strict_map_key=True)
-    except Exception as exc:
-        raise EventFormatError(f"tracks header is not valid msgpack: {exc}") from exc
-    if not isinstance(h, dict):
-        raise EventFormatError("tracks header must be a map")
-    if h.get("format") != FORMAT_NAME:
-        raise EventFormatError(f"not trackfleet tracks (format={h.get('format')!r})")
-    if h.get("version") != FORMAT_VERSION:
-        raise EventFormatError(
-            f"tracks format version {h.get('version')!r} is not supported (this build reads {FORMAT_VERSION})"
-        )
+    h = decode_header(header, FORMAT_NAME, FORMAT_VERSION, "tracks")
     event_id, n_tracks, n_meas, spec = h.get("event_id"), h.get("n_tracks"), h.get("n_meas"), h.get("columns")
     if isinstance(event_id, bool) or not isinstance(event_id, int) or event_id < 0:
         raise EventFormatError(f"event_id must be a non-negative integer, got {event_id!r}")
