@@ -162,18 +162,8 @@ extern "C" __global__ void fit_tracks(
             np_[a] = acc;
         }
         for (int k = 0; k < 25; ++k) D[k] = C[k] - pc[k];
-        for (int a = 0; a < 5; ++a)
-            for (int b = 0; b < 5; ++b) {
-                double acc = 0.0;
-                for (int c = 0; c < 5; ++c) acc += G[5 * a + c] * D[5 * c + b];
-                GD[5 * a + b] = acc;
-            }
-        for (int a = 0; a < 5; ++a)
-            for (int b = 0; b < 5; ++b) {
-                double acc = fc[5 * a + b];
-                for (int c = 0; c < 5; ++c) acc += GD[5 * a + c] * G[5 * b + c];
-                C[5 * a + b] = acc;
-            }
+        sandwich_(G, D, GD);  // smoothed covariance: P_f + G (P_s' - P_pred) G^T
+        for (int k = 0; k < 25; ++k) C[k] = fc[k] + GD[k];
         for (int a = 0; a < 5; ++a) p[a] = np_[a];
     }
     int first = m_module[measurements[base]];
