@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -79,19 +80,35 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
-def measure(endpoint: str, events: list, concurrency: int, seconds: float, tracks_dir: str | None = None) -> dict:
+def measure(
+    endpoint: str, events: list, concurrency: int, seconds: float, tracks_dir: str | None = None
+) -> dict:
     writer = TracksWriter(tracks_dir) if tracks_dir else None
     with FleetClient(ClientConfig(endpoint=endpoint)) as client:
         run = ProducerRun(
-            client, events,
-            RunConfig(concurrency=concurrency, duration_s=None if tracks_dir else seconds,
-                      count=len(events) if tracks_dir else None, progress=False),
+            client,
+            events,
+            RunConfig(
+                concurrency=concurrency,
+                duration_s=None if tracks_dir else seconds,
+                count=len(events) if tracks_dir else None,
+                progress=False,
+            ),
             on_reply=writer,
         )
         summary = run.run()
     if writer is not None:
         writer.close()
     return summary.to_dict()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (from /proc; None where unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -115,8 +132,11 @@ def main() -> int:
     for n in args.instances:
         for b in args.batch:
             run_dir = Path(tempfile.mkdtemp(prefix="tf-study-"))
-            fleet = LocalFleet(run_dir, detector=Path(args.input),
-                               worker_args=["--backend", args.backend, "--batch", str(b), "--capacity", str(2 * b)])
+            fleet = LocalFleet(
+                run_dir,
+                detector=Path(args.input),
+                worker_args=["--backend", args.backend, "--batch", str(b), "--capacity", str(2 * b)],
+            )
             try:
                 fleet.start_broker()
                 for g in args.gpus:
@@ -127,19 +147,40 @@ def main() -> int:
                 measure(fleet.frontend, events, conc, args.warmup_s)
                 sampler = GpuSampler(args.gpus)
                 sampler.start()
+                # CPU use of the broker and of this producer over the window: where scaling with GPUs
+                # stops, one of them shows a whole core busy.
+                broker_cpu0, producer_cpu0, wall0 = (
+                    cpu_seconds(fleet.broker.pid),
+                    time.process_time(),
+                    time.monotonic(),
+                )
                 s = measure(fleet.frontend, events, conc, args.seconds)
+                wall = time.monotonic() - wall0
+                broker_cpu1 = cpu_seconds(fleet.broker.pid)
+                producer_cpu = (time.process_time() - producer_cpu0) / wall
                 sampler.stop()
                 sampler.join(2)
                 pids = [p.pid for p in fleet.workers]
                 row = {
-                    "instances_per_gpu": n, "batch": b, "concurrency": conc,
-                    "events_per_s": s["events_per_s"], "latency_ms_p50": s["latency_ms"]["p50"],
-                    "latency_ms_p99": s["latency_ms"]["p99"], "events_ok": s["events_ok"],
-                    "events_failed": s["events_failed"], "events_lost": s["events_lost"],
+                    "instances_per_gpu": n,
+                    "batch": b,
+                    "concurrency": conc,
+                    "events_per_s": s["events_per_s"],
+                    "latency_ms_p50": s["latency_ms"]["p50"],
+                    "latency_ms_p99": s["latency_ms"]["p99"],
+                    "events_ok": s["events_ok"],
+                    "events_failed": s["events_failed"],
+                    "events_lost": s["events_lost"],
                     "gpu_utilization": statistics.median(sampler.util) if sampler.util else None,
-                    "gpu_memory_per_worker_bytes": max((sampler.proc_mem.get(p, 0) for p in pids), default=None),
+                    "gpu_memory_per_worker_bytes": max(
+                        (sampler.proc_mem.get(p, 0) for p in pids), default=None
+                    ),
                     "host_rss_per_worker_bytes": max((rss_bytes(p) or 0 for p in pids), default=None),
                     "host_rss_broker_bytes": rss_bytes(fleet.broker.pid) if fleet.broker else None,
+                    "broker_cpu_cores": None
+                    if broker_cpu0 is None or broker_cpu1 is None
+                    else round((broker_cpu1 - broker_cpu0) / wall, 3),
+                    "producer_cpu_cores": round(producer_cpu, 3),
                     "card": sampler.card,
                 }
                 grid.append(row)
@@ -157,16 +198,27 @@ def main() -> int:
     physics = validate(args.input, best["tracks"])
     r = best["row"]
     result = {
-        "card": r["card"], "gpus": len(args.gpus), "mu": args.mu, "events_per_s": r["events_per_s"],
-        "instances_per_gpu": r["instances_per_gpu"], "batch": r["batch"],
-        "latency_ms_p50": best["low_load_p50_ms"], "latency_ms_p50_saturated": r["latency_ms_p50"],
-        "latency_ms_p99": r["latency_ms_p99"], "gpu_utilization": r["gpu_utilization"],
+        "card": r["card"],
+        "gpus": len(args.gpus),
+        "mu": args.mu,
+        "events_per_s": r["events_per_s"],
+        "instances_per_gpu": r["instances_per_gpu"],
+        "batch": r["batch"],
+        "latency_ms_p50": best["low_load_p50_ms"],
+        "latency_ms_p50_saturated": r["latency_ms_p50"],
+        "latency_ms_p99": r["latency_ms_p99"],
+        "gpu_utilization": r["gpu_utilization"],
         "gpu_memory_per_worker_bytes": r["gpu_memory_per_worker_bytes"],
         "host_rss_per_worker_bytes": r["host_rss_per_worker_bytes"],
-        "efficiency": physics["efficiency"], "fake_rate": physics["fake_rate"],
+        "broker_cpu_cores": r["broker_cpu_cores"],
+        "producer_cpu_cores": r["producer_cpu_cores"],
+        "efficiency": physics["efficiency"],
+        "fake_rate": physics["fake_rate"],
         "duplicate_rate": physics["duplicate_rate"],
-        "commit": commit.stdout.strip() or None, "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", *sys.argv]), "grid": grid,
+        "commit": commit.stdout.strip() or None,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", *sys.argv]),
+        "grid": grid,
     }
     name = f"throughput-{r['card'].lower()}-{len(args.gpus)}gpu-mu{args.mu}.json"
     (out / name).write_text(json.dumps(result, indent=1) + "\n")
