@@ -28,6 +28,7 @@ from types import ModuleType
 import numpy as np
 
 from kernels import fused
+from kernels.candidates import CHI2, COV, HOLES, M1, M2, MODULE, N_MEAS, NODE, PARAMS, S_DONE, Candidates
 from kernels.detector import Detector
 from kernels.edm.measurements import Measurements, Spacepoints
 from kernels.edm.seeds import BoundParameters, Seeds
@@ -238,58 +239,59 @@ def find_tracks(
             chi2 += dchi2
         node = nodes.add(node, mi)
     keep = xp.nonzero(alive)[0]
-    state = {
-        "params": p[keep],
-        "cov": c[keep],
-        "module": module[keep],
-        "event": seeds.event[keep].astype(xp.int32),
-        "seed": keep.astype(xp.int64),
-        "node": node[keep],
-        "n_meas": xp.full(keep.shape[0], 3, dtype=xp.int64),
-        "holes": xp.zeros(keep.shape[0], dtype=xp.int64),
-        "chi2": chi2[keep],
-        "s_done": xp.zeros(keep.shape[0], dtype=xp.float64),
-        "m1": seed_meas[2][keep].astype(xp.int64),
-        "m2": seed_meas[1][keep].astype(xp.int64),
-    }
-    finished: list[dict[str, Array]] = []
+    state = Candidates.build(
+        xp,
+        params=p[keep],
+        cov=c[keep],
+        chi2=chi2[keep],
+        s_done=0.0,
+        module=module[keep],
+        event=seeds.event[keep],
+        seed=keep,
+        node=node[keep],
+        n_meas=3,
+        holes=0,
+        m1=seed_meas[2][keep],
+        m2=seed_meas[1][keep],
+    )
+    finished: list[Candidates] = []
     ctx = _Context(xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield)
 
     step = _fused_step if fused.enabled(xp) else _array_step
     for _ in range(cfg.max_steps):
-        if state["params"].shape[0] == 0:
+        if state.size == 0:
             break
         with section("finding.step"):
             done, state = step(ctx, state, nodes)
         finished.extend(done)
-        if state["seed"].shape[0] and cfg.merge_duplicates:
+        if state.size and cfg.merge_duplicates:
             with section("finding.merge"):
                 state = _merge_duplicates(xp, state, meas.size)
-        # at most max_branches_per_seed live candidates per seed: most measurements, then lowest chi^2
-        if state["seed"].shape[0]:
-            order = xp.lexsort(
-                xp.stack(
-                    [state["chi2"], -state["n_meas"].astype(xp.float64), state["seed"].astype(xp.float64)]
-                )
-            )
-            keep = order[rank_in_segment(xp, state["seed"][order]) < cfg.max_branches_per_seed]
-            state = {k: v[keep] for k, v in state.items()}
-    if state["params"].shape[0]:
+        if state.size:
+            state = _cap_per_seed(xp, state, cfg.max_branches_per_seed)
+    if state.size:
         finished.append(state)
     return _collect(xp, nodes, finished, cfg)
 
 
-def _merge_duplicates(xp: ModuleType, state: dict[str, Array], n_meas_total: int) -> dict[str, Array]:
+def _merge_duplicates(xp: ModuleType, state: Candidates, n_meas_total: int) -> Candidates:
     """Keep one candidate per (event, last two measurements): different seeds of one particle reach
     the same measurements after a few layers, and following each of them would only make duplicates."""
-    key = (state["event"].astype(xp.int64) * (n_meas_total + 1) + state["m1"]) * (n_meas_total + 1) + state[
-        "m2"
-    ]
-    quality = state["chi2"] / xp.maximum(state["n_meas"], 1) - 3.0 * state["n_meas"]
+    key = (state.event * (n_meas_total + 1) + state.m1) * (n_meas_total + 1) + state.m2
+    n_meas = state.n_meas
+    quality = state.chi2 / xp.maximum(n_meas, 1) - 3.0 * n_meas
     order = xp.lexsort(xp.stack([quality, key.astype(xp.float64)]))
     first = rank_in_segment(xp, key[order]) == 0
     keep = xp.sort(order[first])
-    return {k: v[keep] for k, v in state.items()}
+    return state.take(keep)
+
+
+def _cap_per_seed(xp: ModuleType, state: Candidates, max_per_seed: int) -> Candidates:
+    """At most ``max_per_seed`` live candidates per seed: most measurements, then lowest chi^2."""
+    seed = state.seed
+    order = xp.lexsort(xp.stack([state.chi2, -state.n_meas.astype(xp.float64), seed.astype(xp.float64)]))
+    keep = order[rank_in_segment(xp, seed[order]) < max_per_seed]
+    return state.take(keep)
 
 
 @dataclass
@@ -333,7 +335,7 @@ class _Context:
         sel = xp.nonzero(in_search)[0]
         o_sel, mod_sel = owner[sel], mod[sel]
         pp, pc, s_t, _ = transport(
-            xp, det, st["module"][o_sel], mod_sel, st["params"][o_sel], cov[o_sel], self.bfield
+            xp, det, st.module[o_sel], mod_sel, st.params[o_sel], cov[o_sel], self.bfield
         )
         ok_t = ~xp.isnan(s_t)
         nearest = xp.full(n, -1, dtype=xp.int64)
@@ -343,7 +345,7 @@ class _Context:
             srt = xp.lexsort(xp.stack([s_t[okr], o2.astype(xp.float64)]))
             first = rank_in_segment(xp, o2[srt]) == 0
             nearest[o2[srt][first]] = okr[srt][first]
-        key = st["event"][o_sel].astype(xp.int64) * det.n_modules + mod_sel.astype(xp.int64)
+        key = st.event[o_sel] * det.n_modules + mod_sel.astype(xp.int64)
         lo = xp.searchsorted(self.mkey, key, side="left")
         hi = xp.where(ok_t, xp.searchsorted(self.mkey, key, side="right"), lo)
         pair, mi = expand_ranges(xp, lo, hi - lo)
@@ -352,27 +354,25 @@ class _Context:
         pair, mi, chi = pair[good], mi[good], chi[good]
         return _Found(o_sel[pair], pair, mi, chi, pp, pc, mod_sel, crossed, nearest)
 
-    def overlap(self, children: dict[str, Array], layer: Array, nodes: _Nodes) -> dict[str, Array]:
-        """A second measurement on another module of the same layer (module overlaps), ahead of the first."""
+    def overlap(self, children: Candidates, layer: Array, nodes: _Nodes) -> None:
+        """A second measurement on another module of the same layer (module overlaps), ahead of the
+        first: the children that find one are extended in place."""
         xp, det, meas = self.xp, self.det, self.meas
-        if children["params"].shape[0] == 0:
-            return children
-        x, y, z, phi, theta, qop = bound_to_global(xp, det, children["module"], children["params"])
+        if children.size == 0:
+            return
+        module, params = children.module, children.params
+        x, y, z, phi, theta, qop = bound_to_global(xp, det, module, params)
         cov = add_scattering(
-            xp,
-            children["params"],
-            children["cov"],
-            self.geo.material[children["module"]],
-            _cos_incidence(xp, det, children["module"], phi, theta),
+            xp, params, children.cov, self.geo.material[module], _cos_incidence(xp, det, module, phi, theta)
         )
         h = turn_rate(qop, self.bfield)
-        found = self.search(children, cov, layer, x, y, z, x, y, z, phi, theta, h, children["module"])
+        found = self.search(children, cov, layer, x, y, z, x, y, z, phi, theta, h, module)
         cand, pair, mi, chi = found.cand, found.pair, found.meas, found.chi2
         order = xp.lexsort(xp.stack([chi, cand.astype(xp.float64)]))
         best = order[rank_in_segment(xp, cand[order]) == 0]
         cand, pair, mi = cand[best], pair[best], mi[best]
         if cand.shape[0] == 0:
-            return children
+            return
         up_p, up_c, up_chi = update(
             xp,
             found.pred_params[pair],
@@ -383,53 +383,50 @@ class _Context:
             self.mv1[mi],
             meas.dimension[mi],
         )
-        out = {k: v.copy() for k, v in children.items()}
-        out["params"][cand] = up_p
-        out["cov"][cand] = up_c
-        out["module"][cand] = found.module[pair]
-        out["node"][cand] = nodes.add(children["node"][cand], mi)
-        out["m2"][cand] = children["m1"][cand]
-        out["m1"][cand] = mi
-        out["n_meas"][cand] += 1
-        out["chi2"][cand] += up_chi
-        return out
+        _extend(children, cand, up_p, up_c, up_chi, found.module[pair], mi, nodes)
 
 
-def _array_step(
-    ctx: _Context, st: dict[str, Array], nodes: _Nodes
-) -> tuple[list[dict[str, Array]], dict[str, Array]]:
+def _extend(
+    cands: Candidates,
+    rows: Array | slice,
+    params: Array,
+    cov: Array,
+    chi2: Array,
+    module: Array,
+    meas: Array,
+    nodes: _Nodes,
+) -> None:
+    """Candidates ``rows`` (indices or a slice) take one more measurement each (updated states on
+    ``module``), in place."""
+    real, index = cands.real, cands.index
+    real[rows, PARAMS] = params
+    real[rows, COV] = cov.reshape(-1, 25)
+    real[rows, CHI2] += chi2
+    index[rows, MODULE] = module
+    index[rows, NODE] = nodes.add(index[rows, NODE], meas)
+    index[rows, M2] = index[rows, M1]
+    index[rows, M1] = meas
+    index[rows, N_MEAS] += 1
+
+
+def _array_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Candidates], Candidates]:
     """One layer step of all candidates with array code: (finished candidates, live candidates)."""
     xp, det, geo, meas, cfg, bfield = ctx.xp, ctx.det, ctx.geo, ctx.meas, ctx.cfg, ctx.bfield
     mv0, mv1 = ctx.mv0, ctx.mv1
-    done: list[dict[str, Array]] = []
-    x, y, z, phi, theta, qop = bound_to_global(xp, det, st["module"], st["params"])
+    done: list[Candidates] = []
+    module, params = st.module, st.params
+    x, y, z, phi, theta, qop = bound_to_global(xp, det, module, params)
     # scattering in the module the candidate sits on, before leaving it
     cov = add_scattering(
-        xp,
-        st["params"],
-        st["cov"],
-        geo.material[st["module"]],
-        _cos_incidence(xp, det, st["module"], phi, theta),
+        xp, params, st.cov, geo.material[module], _cos_incidence(xp, det, module, phi, theta)
     )
     h = turn_rate(qop, bfield)
     layer, s_layer = next_layer(
-        xp,
-        geo.nav,
-        x,
-        y,
-        z,
-        phi,
-        theta,
-        h,
-        det.layer_index[st["module"]].astype(xp.int64),
-        st["s_done"],
+        xp, geo.nav, x, y, z, phi, theta, h, det.layer_index[module].astype(xp.int64), st.s_done,
         cfg.layer_tolerance_mm,
-    )
-    leaving = layer < 0
-    if bool(leaving.any()):
-        done.append({k: v[leaving] for k, v in st.items()})
-    go = xp.nonzero(~leaving)[0]
-    st = {k: v[go] for k, v in st.items()}
+    )  # fmt: skip
+    go = _split_leaving(xp, st, layer, done)
+    st = st.take(go)
     cov = cov[go]
     x, y, z, phi, theta, h, layer, s_layer = (a[go] for a in (x, y, z, phi, theta, h, layer, s_layer))
     lx, ly, lz, _ = helix_at(xp, x, y, z, phi, theta, h, s_layer)
@@ -450,7 +447,7 @@ def _array_step(
         meas.dimension[mi],
     )
     children = _children(xp, st, cand, up_p, up_c, up_chi, found.module[pair], mi, nodes)
-    children = ctx.overlap(children, layer[cand], nodes)
+    ctx.overlap(children, layer[cand], nodes)
     # candidates without a compatible measurement continue on their prediction at the nearest
     # module crossed (a hole when inside its bounds), or stay put past a gap in the layer
     n = go.shape[0]
@@ -463,32 +460,35 @@ def _array_step(
     if found.pred_params.shape[0]:
         pred = (found.pred_params[pr0], found.pred_cov[pr0], found.module[pr0])
     else:
-        pred = (st["params"][lost], cov[lost], st["module"][lost])
+        pred = (st.params[lost], cov[lost], st.module[lost])
     lone = _continue_without_measurement(
-        xp, st, lost, cov, moved, pred, found.crossed[lost], s_layer, cfg.max_holes, done
+        xp, st, lost, cov[lost], moved, pred, found.crossed[lost], s_layer[lost], cfg.max_holes, done
     )
-    return done, {k: xp.concatenate([children[k], lone[k]]) for k in children}
+    return done, Candidates.concat(xp, [children, lone])
 
 
-def _fused_step(
-    ctx: _Context, st: dict[str, Array], nodes: _Nodes
-) -> tuple[list[dict[str, Array]], dict[str, Array]]:
+def _split_leaving(xp: ModuleType, st: Candidates, layer: Array, done: list[Candidates]) -> Array:
+    """Rows of the candidates that reach another layer; those leaving the detector go to ``done``."""
+    go = xp.nonzero(layer >= 0)[0]
+    if go.shape[0] < st.size:
+        done.append(st.take(xp.nonzero(layer < 0)[0]))
+    return go
+
+
+def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Candidates], Candidates]:
     """The same step as :func:`_array_step` with the search fused into one kernel per phase."""
     xp, det, geo, meas, cfg = ctx.xp, ctx.det, ctx.geo, ctx.meas, ctx.cfg
     mv0, mv1 = ctx.mv0, ctx.mv1
     k_max = cfg.max_branches_per_surface
-    done: list[dict[str, Array]] = []
+    done: list[Candidates] = []
     with section("finding.layer_search"):
         res = fused.layer_search(
             xp,
             det,
             geo,
             geo.nav,
-            st["params"],
-            st["cov"],
-            st["module"],
-            st["event"],
-            st["s_done"],
+            st.real,
+            st.index,
             None,
             0,
             ctx.mkey,
@@ -499,13 +499,9 @@ def _fused_step(
             k_max,
             NEWTON_STEPS,
         )
-    leaving = res["layer"] < 0
-    if bool(leaving.any()):
-        done.append({k: v[leaving] for k, v in st.items()})
-    go = xp.nonzero(~leaving)[0]
-    st = {k: v[go] for k, v in st.items()}
-    cov = res["scat_cov"][go]
-    layer, s_layer, n_found = res["layer"][go], res["s_layer"][go], res["n_found"][go]
+    go = _split_leaving(xp, st, res["layer"], done)
+    st = st.take(go)
+    layer, n_found = res["layer"][go], res["n_found"][go]
     mask = xp.arange(k_max)[None, :] < n_found[:, None]
     cand, slot = xp.nonzero(mask)
     flat = go[cand] * k_max + slot
@@ -524,25 +520,9 @@ def _fused_step(
     if cand.shape[0]:
         with section("finding.overlap_search"):
             ov = fused.layer_search(
-                xp,
-                det,
-                geo,
-                geo.nav,
-                children["params"],
-                children["cov"],
-                children["module"],
-                children["event"],
-                children["s_done"],
-                layer[cand],
-                1,
-                ctx.mkey,
-                meas,
-                mv0,
-                mv1,
-                cfg,
-                1,
-                NEWTON_STEPS,
-            )
+                xp, det, geo, geo.nav, children.real, children.index, layer[cand], 1, ctx.mkey, meas, mv0, mv1,
+                cfg, 1, NEWTON_STEPS,
+            )  # fmt: skip
         hit = xp.nonzero(ov["n_found"] > 0)[0]
         if hit.shape[0]:
             omi = ov["meas"][hit]
@@ -556,55 +536,40 @@ def _fused_step(
                 mv1[omi],
                 meas.dimension[omi],
             )
-            children["params"][hit] = o_p
-            children["cov"][hit] = o_c
-            children["module"][hit] = ov["module"][hit]
-            children["node"][hit] = nodes.add(children["node"][hit], omi)
-            children["m2"][hit] = children["m1"][hit]
-            children["m1"][hit] = omi
-            children["n_meas"][hit] += 1
-            children["chi2"][hit] += o_chi
+            _extend(children, hit, o_p, o_c, o_chi, ov["module"][hit], omi, nodes)
     lost = xp.nonzero(n_found == 0)[0]
-    near = res["near_module"][go][lost]
-    moved = near >= 0
-    pred = (res["near_params"][go][lost], res["near_cov"][go][lost], near)
+    lost_all = go[lost]
+    near = res["near_module"][lost_all]
+    pred = (res["near_params"][lost_all], res["near_cov"][lost_all], near)
     lone = _continue_without_measurement(
-        xp, st, lost, cov, moved, pred, res["crossed"][go][lost], s_layer, cfg.max_holes, done
+        xp,
+        st,
+        lost,
+        res["scat_cov"][lost_all],
+        near >= 0,
+        pred,
+        res["crossed"][lost_all],
+        res["s_layer"][lost_all],
+        cfg.max_holes,
+        done,
     )
-    return done, {k: xp.concatenate([children[k], lone[k]]) for k in children}
+    return done, Candidates.concat(xp, [children, lone])
 
 
 def _children(
-    xp: ModuleType,
-    st: dict[str, Array],
-    cand: Array,
-    params: Array,
-    cov: Array,
-    chi2: Array,
-    module: Array,
-    meas: Array,
+    xp: ModuleType, st: Candidates, cand: Array, params: Array, cov: Array, chi2: Array, module: Array, meas: Array,
     nodes: _Nodes,
-) -> dict[str, Array]:
+) -> Candidates:  # fmt: skip
     """Candidates ``cand`` extended by measurements ``meas`` (updated states on ``module``)."""
-    return {
-        "params": params,
-        "cov": cov,
-        "module": module,
-        "event": st["event"][cand],
-        "seed": st["seed"][cand],
-        "node": nodes.add(st["node"][cand], meas),
-        "n_meas": st["n_meas"][cand] + 1,
-        "holes": st["holes"][cand],
-        "chi2": st["chi2"][cand] + chi2,
-        "s_done": xp.zeros(cand.shape[0], dtype=xp.float64),
-        "m1": meas.astype(xp.int64),
-        "m2": st["m1"][cand],
-    }
+    children = st.take(cand)
+    children.real[:, S_DONE] = 0.0
+    _extend(children, slice(None), params, cov, chi2, module, meas, nodes)
+    return children
 
 
 def _continue_without_measurement(
     xp: ModuleType,
-    st: dict[str, Array],
+    st: Candidates,
     lost: Array,
     cov: Array,
     moved: Array,
@@ -612,40 +577,33 @@ def _continue_without_measurement(
     crossed: Array,
     s_layer: Array,
     max_holes: int,
-    done: list[dict[str, Array]],
-) -> dict[str, Array]:
+    done: list[Candidates],
+) -> Candidates:
     """Candidates ``lost`` found nothing on the layer: they continue on their prediction on the nearest
-    module crossed (``moved``; a hole when inside its bounds) or stay put past a gap. Those over
-    ``max_holes`` holes are appended to ``done``; the others are returned."""
-    holes = st["holes"][lost] + crossed.astype(xp.int64)
-    lone = {
-        "params": xp.where(moved[:, None], pred[0], st["params"][lost]),
-        "cov": xp.where(moved[:, None, None], pred[1], cov[lost]),
-        "module": xp.where(moved, pred[2], st["module"][lost]),
-        "event": st["event"][lost],
-        "seed": st["seed"][lost],
-        "node": st["node"][lost],
-        "n_meas": st["n_meas"][lost],
-        "holes": holes,
-        "chi2": st["chi2"][lost],
-        "s_done": xp.where(moved, 0.0, s_layer[lost]),
-        "m1": st["m1"][lost],
-        "m2": st["m2"][lost],
-    }
-    too_many = holes > max_holes
-    if bool(too_many.any()):
-        done.append({k: v[too_many] for k, v in lone.items()})
-    return {k: v[~too_many] for k, v in lone.items()}
+    module crossed (``moved``; a hole when inside its bounds) or stay put past a gap. ``cov``,
+    ``crossed`` and ``s_layer`` are per lost candidate (``cov`` with this layer's scattering). Those
+    over ``max_holes`` holes are appended to ``done``; the others are returned."""
+    lone = st.take(lost)
+    n = int(lost.shape[0])
+    real, index = lone.real, lone.index
+    real[:, PARAMS] = xp.where(moved[:, None], pred[0], real[:, PARAMS])
+    real[:, COV] = xp.where(moved[:, None], pred[1].reshape(n, 25), cov.reshape(n, 25))
+    real[:, S_DONE] = xp.where(moved, 0.0, s_layer)
+    index[:, MODULE] = xp.where(moved, pred[2], index[:, MODULE])
+    index[:, HOLES] += crossed.astype(xp.int64)
+    ok = index[:, HOLES] <= max_holes
+    keep = xp.nonzero(ok)[0]
+    if keep.shape[0] < n:
+        done.append(lone.take(xp.nonzero(~ok)[0]))
+        return lone.take(keep)
+    return lone
 
 
 def _collect(
-    xp: ModuleType, nodes: _Nodes, finished: list[dict[str, Array]], cfg: FindingConfig
+    xp: ModuleType, nodes: _Nodes, finished: list[Candidates], cfg: FindingConfig
 ) -> TrackCandidates:
-    if finished:
-        fin = {k: xp.concatenate([f[k] for f in finished]) for k in finished[0]}
-    else:
-        fin = None
-    if fin is None or fin["n_meas"].shape[0] == 0:
+    fin = Candidates.concat(xp, finished) if finished else None
+    if fin is None or fin.size == 0:
         z = xp.zeros(0, dtype=xp.int64)
         return TrackCandidates(
             xp.zeros(1, dtype=xp.int64),
@@ -658,15 +616,14 @@ def _collect(
             xp.zeros((0, 5, 5)),
             z.astype(xp.int32),
         )
-    keep = xp.nonzero(fin["n_meas"] >= cfg.min_measurements)[0]
-    fin = {k: v[keep] for k, v in fin.items()}
+    fin = fin.take(xp.nonzero(fin.n_meas >= cfg.min_measurements)[0])
     parent, node_meas = nodes.arrays()
-    length = fin["n_meas"]
+    length = fin.n_meas
     offsets = xp.zeros(length.shape[0] + 1, dtype=xp.int64)
     offsets[1:] = xp.cumsum(length)
     total = int(offsets[-1])
     out = xp.zeros(total, dtype=xp.int64)
-    cur = fin["node"].copy()
+    cur = fin.node.copy()
     pos = offsets[1:] - 1
     # walk the links back from the last state; lengths are bounded by 3 + max_steps
     for _ in range(3 + cfg.max_steps):
@@ -677,14 +634,15 @@ def _collect(
         out[pos[idx]] = node_meas[cur[idx]]
         pos = pos - 1
         cur = xp.where(live, parent[xp.maximum(cur, 0)], -1)
+    c = xp.ascontiguousarray
     return TrackCandidates(
         offsets=offsets,
         measurements=out,
-        seed=fin["seed"],
-        event=fin["event"],
-        chi2=fin["chi2"],
-        n_holes=fin["holes"].astype(xp.int32),
-        params=fin["params"],
-        cov=fin["cov"],
-        module=fin["module"],
+        seed=c(fin.seed),
+        event=fin.event.astype(xp.int32),
+        chi2=c(fin.chi2),
+        n_holes=fin.holes.astype(xp.int32),
+        params=c(fin.params),
+        cov=c(fin.cov),
+        module=c(fin.module),
     )

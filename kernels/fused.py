@@ -254,8 +254,8 @@ extern "C" __global__ void layer_search(
     const int* module_layer, const bool* l_is_disc, const double* l_pos, const double* l_lo, const double* l_hi,
     const long long* l_n_phi, const long long* l_n_u, const double* l_u_lo, const double* l_u_hi,
     const long long* l_bin_offset, const long long* bin_start, const long long* bin_count, const int* bin_modules,
-    int n_layers, const double* params, const double* cov, const int* module, const int* event,
-    const double* s_done, const long long* layer_in, int n, int mode, int n_modules, const long long* mkey,
+    int n_layers, const double* real, const long long* index, const long long* layer_in, int n, int mode,
+    int n_modules, const long long* mkey,
     long long n_meas, const double* m0, const double* m1, const double* v0, const double* v1,
     const signed char* mdim, double bfield, double c_light, int steps, const double* fd, double layer_tol,
     double bounds_tol, double chi2_max, int max_b,
@@ -264,8 +264,9 @@ extern "C" __global__ void layer_search(
     double* o_near_cov, double* o_scat_cov) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const double* p = params + 5 * (long)i;
-    int mod = module[i];
+    // packed candidates (kernels/candidates.py): real row = params, cov, chi2, s_done; index row = module, event, ...
+    const double* p = real + 32 * (long)i;
+    int mod = (int)index[8 * (long)i];
     const double* R = rot + 9 * (long)mod;
     const double* t = trans + 3 * (long)mod;
     double x = R[0] * p[0] + R[1] * p[1] + t[0];
@@ -276,7 +277,7 @@ extern "C" __global__ void layer_search(
     double st = sin(theta), ct = cos(theta);
     // scattering in the module the candidate sits on
     double C[25];
-    for (int k = 0; k < 25; ++k) C[k] = cov[25 * (long)i + k];
+    for (int k = 0; k < 25; ++k) C[k] = p[5 + k];
     {
         double cos_inc = R[2] * st * cos(phi) + R[5] * st * sin(phi) + R[8] * ct;
         double mom = 1.0 / fmax(fabs(p[4]), 1e-9);
@@ -292,7 +293,7 @@ extern "C" __global__ void layer_search(
     int exclude_module = -1;
     if (mode == 0) {
         layer = next_layer_(l_is_disc, l_pos, l_lo, l_hi, n_layers, x, y, z, phi, theta, h, module_layer[mod],
-                            s_done[i], layer_tol, steps, &s_layer);
+                            p[31], layer_tol, steps, &s_layer);
         o_layer[i] = layer;
         o_s_layer[i] = s_layer;
         o_n_found[i] = 0;
@@ -350,7 +351,7 @@ extern "C" __global__ void layer_search(
             for (int k = 0; k < 5; ++k) o_near_params[5 * (long)i + k] = pp[k];
             for (int k = 0; k < 25; ++k) o_near_cov[25 * (long)i + k] = pc[k];
         }
-        long long key = (long long)event[i] * n_modules + m;
+        long long key = index[8 * (long)i + 1] * n_modules + m;
         long long lo = 0, hi = n_meas;
         while (lo < hi) { long long md = (lo + hi) >> 1; if (mkey[md] < key) lo = md + 1; else hi = md; }
         for (long long mi = lo; mi < n_meas && mkey[mi] == key; ++mi) {
@@ -562,50 +563,16 @@ def chi2_gather(xp: ModuleType, params, cov, row, m0, m1, v0, v1, dim, meas) -> 
     return out
 
 
-def layer_search(
-    xp: ModuleType,
-    det: Any,
-    geo: Any,
-    nav: Any,
-    params: Array,
-    cov: Array,
-    module: Array,
-    event: Array,
-    s_done: Array,
-    layer_in: Array | None,
-    mode: int,
-    mkey: Array,
-    meas: Any,
-    v0: Array,
-    v1: Array,
-    cfg: Any,
-    max_b: int,
-    steps: int,
-) -> dict[str, Array]:
-    """One CKF layer step (mode 0) or overlap search (mode 1) for all candidates: see the kernel."""
-    n = int(params.shape[0])
+def _geometry_args(xp: ModuleType, det: Any, geo: Any, nav: Any) -> tuple:
+    """The detector and navigation arrays of :func:`layer_search`, converted once per geometry."""
+    global _GEOMETRY_ARGS
+    if _GEOMETRY_ARGS is not None and _GEOMETRY_ARGS[0] is geo and _GEOMETRY_ARGS[1] is xp:
+        return _GEOMETRY_ARGS[2]
     f64, i64, i32 = xp.float64, xp.int64, xp.int32
-    if max_b > 4:
-        raise ValueError("fused layer_search supports at most 4 branches per surface")
-    out = {
-        "layer": xp.empty(n, i64),
-        "s_layer": xp.empty(n, f64),
-        "n_found": xp.empty(n, i32),
-        "meas": xp.empty(n * max_b, i64),
-        "chi2": xp.empty(n * max_b, f64),
-        "module": xp.empty(n * max_b, i32),
-        "params": xp.empty((n * max_b, 5), f64),
-        "cov": xp.empty((n * max_b, 5, 5), f64),
-        "crossed": xp.empty(n, xp.bool_),
-        "near_module": xp.empty(n, i32),
-        "near_params": xp.zeros((n, 5), f64),
-        "near_cov": xp.zeros((n, 5, 5), f64),
-        "scat_cov": xp.empty((n, 5, 5), f64),
-    }
     c = xp.ascontiguousarray
     args = (
-        det.rotation,
-        det.translation,
+        c(det.rotation, dtype=f64),
+        c(det.translation, dtype=f64),
         c(geo.material, dtype=f64),
         c(geo.half_u, dtype=f64),
         c(det.layer_index, dtype=i32),
@@ -622,12 +589,63 @@ def layer_search(
         c(nav.bin_count, dtype=i64),
         c(nav.bin_modules, dtype=i32),
         i32(nav.position.shape[0]),
-        c(params, dtype=f64),
-        c(cov, dtype=f64),
-        c(module, dtype=i32),
-        c(event, dtype=i32),
-        c(s_done, dtype=f64),
-        c(layer_in if layer_in is not None else xp.zeros(1, i64), dtype=i64),
+    )
+    _GEOMETRY_ARGS = (geo, xp, args, xp.asarray(_FD_STEPS, dtype=f64), xp.zeros(1, i64))
+    return args
+
+
+_GEOMETRY_ARGS: tuple | None = None
+
+
+def layer_search(
+    xp: ModuleType,
+    det: Any,
+    geo: Any,
+    nav: Any,
+    real: Array,
+    index: Array,
+    layer_in: Array | None,
+    mode: int,
+    mkey: Array,
+    meas: Any,
+    v0: Array,
+    v1: Array,
+    cfg: Any,
+    max_b: int,
+    steps: int,
+) -> dict[str, Array]:
+    """One CKF layer step (mode 0) or overlap search (mode 1) for all packed candidates
+    (``real``, ``index`` of :class:`kernels.candidates.Candidates`): see the kernel."""
+    n = int(real.shape[0])
+    f64, i64, i32 = xp.float64, xp.int64, xp.int32
+    if max_b > 4:
+        raise ValueError("fused layer_search supports at most 4 branches per surface")
+    if real.shape[1:] != (32,) or index.shape[1:] != (8,):
+        raise ValueError("layer_search expects packed candidates: real [n, 32], index [n, 8]")
+    out = {
+        "layer": xp.empty(n, i64),
+        "s_layer": xp.empty(n, f64),
+        "n_found": xp.empty(n, i32),
+        "meas": xp.empty(n * max_b, i64),
+        "chi2": xp.empty(n * max_b, f64),
+        "module": xp.empty(n * max_b, i32),
+        "params": xp.empty((n * max_b, 5), f64),
+        "cov": xp.empty((n * max_b, 5, 5), f64),
+        "crossed": xp.empty(n, xp.bool_),
+        "near_module": xp.empty(n, i32),
+        "near_params": xp.zeros((n, 5), f64),
+        "near_cov": xp.zeros((n, 5, 5), f64),
+        "scat_cov": xp.empty((n, 5, 5), f64),
+    }
+    c = xp.ascontiguousarray
+    geometry = _geometry_args(xp, det, geo, nav)
+    assert _GEOMETRY_ARGS is not None
+    fd, no_layer = _GEOMETRY_ARGS[3], _GEOMETRY_ARGS[4]
+    args = (
+        *geometry,
+        c(real, dtype=f64),
+        c(index, dtype=i64),
+        c(layer_in, dtype=i64) if layer_in is not None else no_layer,
         i32(n),
         i32(mode),
         i32(det.n_modules),
@@ -641,7 +659,7 @@ def layer_search(
         f64(det.bfield_t),
         f64(_C_LIGHT),
         i32(steps),
-        xp.asarray(_FD_STEPS, dtype=f64),
+        fd,
         f64(cfg.layer_tolerance_mm),
         f64(cfg.bounds_tolerance_mm),
         f64(cfg.chi2_max),

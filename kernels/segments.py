@@ -48,8 +48,12 @@ def rank_in_segment(xp: ModuleType, sorted_keys: Array) -> Array:
     n = sorted_keys.shape[0]
     start = segment_starts(xp, sorted_keys)
     seg = xp.cumsum(start) - 1
-    first = xp.nonzero(start)[0]
-    return xp.arange(n, dtype=xp.int64) - first[seg]
+    pos = xp.arange(n, dtype=xp.int64)
+    # first row of every segment, scattered by segment id; the other rows write to a spare slot, so
+    # no nonzero() and no wait for the host
+    first = xp.zeros(n + 1, dtype=xp.int64)
+    first[xp.where(start, seg, n)] = pos
+    return pos - first[seg]
 
 
 def segment_sum(xp: ModuleType, seg: Array, values: Array, n: int) -> Array:
