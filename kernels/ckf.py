@@ -38,7 +38,7 @@ from kernels.navigation import NavigationGrid, modules_near, next_layer
 from kernels.profiling import section
 from kernels.propagation import NEWTON_STEPS, bound_to_global, helix_at, intersect_plane, transport, turn_rate
 from kernels.segments import expand_ranges, rank_in_segment
-from kernels.xp import Array, asarray
+from kernels.xp import Array, asarray, to_numpy
 
 # x/X0 crossed per layer at normal incidence in the ACTS generic detector, by volume: the value for
 # which Highland's formula reproduces the simulated polar-angle scattering between consecutive hits
@@ -316,6 +316,11 @@ class _Context:
         self.xp, self.det, self.geo, self.meas, self.mkey = xp, det, geo, meas, mkey
         self.mv0, self.mv1, self.cfg, self.bfield = mv0, mv1, cfg, bfield
 
+    @staticmethod
+    def step_bounds(n: int, k_max: int) -> list[int]:
+        """Last position of each flag vector of a fused step (leaving, over holes, children, lone)."""
+        return [n - 1, 2 * n - 1, 2 * n + n * k_max - 1, 3 * n + n * k_max - 1]
+
     def search(self, st, cov, layer, lx, ly, lz, x, y, z, phi, theta, h, exclude_module) -> _Found:
         """Transport candidates to the modules of ``layer`` around (lx, ly, lz) and test their measurements."""
         xp, det, geo, meas, cfg = self.xp, self.det, self.geo, self.meas, self.cfg
@@ -476,11 +481,12 @@ def _split_leaving(xp: ModuleType, st: Candidates, layer: Array, done: list[Cand
 
 
 def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Candidates], Candidates]:
-    """The same step as :func:`_array_step` with the search fused into one kernel per phase."""
+    """The same step as :func:`_array_step`: the layer search, the Kalman updates and the rows of the
+    next step are fused kernels, and one wait for the host sizes all of the step's selections."""
     xp, det, geo, meas, cfg = ctx.xp, ctx.det, ctx.geo, ctx.meas, ctx.cfg
     mv0, mv1 = ctx.mv0, ctx.mv1
     k_max = cfg.max_branches_per_surface
-    done: list[Candidates] = []
+    n = st.size
     with section("finding.layer_search"):
         res = fused.layer_search(
             xp,
@@ -499,29 +505,27 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
             k_max,
             NEWTON_STEPS,
         )
-    go = _split_leaving(xp, st, res["layer"], done)
-    st = st.take(go)
-    layer, n_found = res["layer"][go], res["n_found"][go]
-    mask = xp.arange(k_max)[None, :] < n_found[:, None]
-    cand, slot = xp.nonzero(mask)
-    flat = go[cand] * k_max + slot
-    mi = res["meas"][flat]
-    up_p, up_c, up_chi = update(
-        xp,
-        res["params"][flat],
-        res["cov"][flat],
-        meas.local0[mi],
-        meas.local1[mi],
-        mv0[mi],
-        mv1[mi],
-        meas.dimension[mi],
-    )
-    children = _children(xp, st, cand, up_p, up_c, up_chi, res["module"][flat], mi, nodes)
-    if cand.shape[0]:
+        rows = fused.step_rows(xp, st.real, st.index, res, meas, mv0, mv1, k_max, cfg.max_holes)
+    # one compaction of four flag vectors, in the order of the array step: leaving, over max_holes
+    # (both done), children (ordered by candidate, then branch), candidates continuing without one
+    flags = xp.concatenate([rows["leaving"], rows["too_many"], rows["c_ok"], rows["keep_lone"]])
+    ends = xp.cumsum(flags, dtype=xp.int64)
+    counts = [int(c) for c in to_numpy(ends[xp.asarray(ctx.step_bounds(n, k_max))])]
+    where = xp.where(flags, ends - 1, counts[-1])
+    picked = xp.empty(counts[-1] + 1, dtype=xp.int64)
+    picked[where] = xp.arange(flags.shape[0], dtype=xp.int64)
+    _, b1, b2, b3 = counts
+    lone_table = Candidates(rows["l_real"], rows["l_index"])
+    done = [lone_table.take(picked[:b1] - xp.where(picked[:b1] >= n, n, 0))] if b1 else []
+    child_rows = picked[b1:b2] - 2 * n
+    children = Candidates(rows["c_real"], rows["c_index"]).take(child_rows)
+    index = children.index
+    index[:, NODE] = nodes.add(index[:, NODE], index[:, M1])
+    if b2 > b1:
         with section("finding.overlap_search"):
             ov = fused.layer_search(
-                xp, det, geo, geo.nav, children.real, children.index, layer[cand], 1, ctx.mkey, meas, mv0, mv1,
-                cfg, 1, NEWTON_STEPS,
+                xp, det, geo, geo.nav, children.real, children.index, res["layer"][child_rows // k_max], 1,
+                ctx.mkey, meas, mv0, mv1, cfg, 1, NEWTON_STEPS,
             )  # fmt: skip
         hit = xp.nonzero(ov["n_found"] > 0)[0]
         if hit.shape[0]:
@@ -537,22 +541,7 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
                 meas.dimension[omi],
             )
             _extend(children, hit, o_p, o_c, o_chi, ov["module"][hit], omi, nodes)
-    lost = xp.nonzero(n_found == 0)[0]
-    lost_all = go[lost]
-    near = res["near_module"][lost_all]
-    pred = (res["near_params"][lost_all], res["near_cov"][lost_all], near)
-    lone = _continue_without_measurement(
-        xp,
-        st,
-        lost,
-        res["scat_cov"][lost_all],
-        near >= 0,
-        pred,
-        res["crossed"][lost_all],
-        res["s_layer"][lost_all],
-        cfg.max_holes,
-        done,
-    )
+    lone = lone_table.take(picked[b2:b3] - (2 * n + n * k_max))
     return done, Candidates.concat(xp, [children, lone])
 
 

@@ -387,6 +387,64 @@ extern "C" __global__ void layer_search(
     }
 }
 
+// After layer_search (mode 0), the packed rows of one CKF step, per candidate (kernels/candidates.py):
+// slot q < n_found becomes a child with the Kalman update of its measurement (NODE keeps the parent's
+// node: the caller links the child); a candidate without a measurement continues on its nearest
+// prediction (a hole when it crossed a module inside its bounds), or stays put past a gap; a leaving
+// candidate keeps its row. Flags: leaving, over max_holes, child valid, lone row kept.
+extern "C" __global__ void step_rows(
+    const double* real, const long long* index, int n, int max_b, int max_holes, const long long* r_layer,
+    const double* r_s_layer, const int* r_n_found, const long long* r_meas, const int* r_module,
+    const double* r_params, const double* r_cov, const bool* r_crossed, const int* r_near_module,
+    const double* r_near_params, const double* r_near_cov, const double* r_scat_cov, const double* m0,
+    const double* m1, const double* v0, const double* v1, const signed char* mdim, double* c_real,
+    long long* c_index, bool* c_ok, double* l_real, long long* l_index, bool* leaving, bool* too_many,
+    bool* keep_lone) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const double* row = real + 32 * (long)i;
+    const long long* irow = index + 8 * (long)i;
+    int nf = r_n_found[i];
+    bool leave = r_layer[i] < 0;
+    for (int q = 0; q < max_b; ++q) {
+        long long c = (long long)i * max_b + q;
+        bool ok = !leave && q < nf;
+        c_ok[c] = ok;
+        if (!ok) continue;
+        long long mi = r_meas[c];
+        double* cr = c_real + 32 * c;
+        long long* ci = c_index + 8 * c;
+        double chi = update_(r_params + 5 * c, r_cov + 25 * c, m0[mi], m1[mi], v0[mi], v1[mi], mdim[mi], cr, cr + 5);
+        cr[30] = row[30] + chi;
+        cr[31] = 0.0;
+        for (int k = 0; k < 8; ++k) ci[k] = irow[k];
+        ci[0] = r_module[c];
+        ci[4] = irow[4] + 1;
+        ci[6] = mi;
+        ci[7] = irow[6];
+    }
+    double* lr = l_real + 32 * (long)i;
+    long long* li = l_index + 8 * (long)i;
+    for (int k = 0; k < 32; ++k) lr[k] = row[k];
+    for (int k = 0; k < 8; ++k) li[k] = irow[k];
+    bool lone = !leave && nf == 0;
+    if (lone) {
+        if (r_near_module[i] >= 0) {
+            for (int k = 0; k < 5; ++k) lr[k] = r_near_params[5 * (long)i + k];
+            for (int k = 0; k < 25; ++k) lr[5 + k] = r_near_cov[25 * (long)i + k];
+            lr[31] = 0.0;
+            li[0] = r_near_module[i];
+        } else {
+            for (int k = 0; k < 25; ++k) lr[5 + k] = r_scat_cov[25 * (long)i + k];
+            lr[31] = r_s_layer[i];
+        }
+        li[5] = irow[5] + (r_crossed[i] ? 1 : 0);
+    }
+    leaving[i] = leave;
+    too_many[i] = lone && li[5] > max_holes;
+    keep_lone[i] = lone && !(li[5] > max_holes);
+}
+
 extern "C" __global__ void chi2_only(
     const double* params, const double* cov, const long long* row, const double* m0, const double* m1,
     const double* v0, const double* v1, const signed char* dim, const long long* meas, int n, double* out) {
@@ -540,6 +598,46 @@ def kalman_update(xp: ModuleType, params, cov, m0, m1, v0, v1, dim) -> tuple:
         ),
     )
     return out_p, out_c, out_chi
+
+
+def step_rows(
+    xp: ModuleType, real: Array, index: Array, res: dict[str, Array], meas: Any, v0: Array, v1: Array,
+    max_b: int, max_holes: int,
+) -> dict[str, Array]:  # fmt: skip
+    """Children, lone rows and flags of one CKF step from :func:`layer_search`'s result: see the kernel."""
+    n = int(real.shape[0])
+    f64, i64 = xp.float64, xp.int64
+    out = {
+        "c_real": xp.empty((n * max_b, 32), f64),
+        "c_index": xp.empty((n * max_b, 8), i64),
+        "c_ok": xp.empty(n * max_b, xp.bool_),
+        "l_real": xp.empty((n, 32), f64),
+        "l_index": xp.empty((n, 8), i64),
+        "leaving": xp.empty(n, xp.bool_),
+        "too_many": xp.empty(n, xp.bool_),
+        "keep_lone": xp.empty(n, xp.bool_),
+    }
+    c = xp.ascontiguousarray
+    args = (
+        c(real, dtype=f64),
+        c(index, dtype=i64),
+        xp.int32(n),
+        xp.int32(max_b),
+        xp.int32(max_holes),
+        *(res[k] for k in ("layer", "s_layer", "n_found", "meas", "module", "params", "cov", "crossed")),
+        *(res[k] for k in ("near_module", "near_params", "near_cov", "scat_cov")),
+        c(meas.local0, dtype=f64),
+        c(meas.local1, dtype=f64),
+        c(v0, dtype=f64),
+        c(v1, dtype=f64),
+        c(meas.dimension, dtype=xp.int8),
+        *(
+            out[k]
+            for k in ("c_real", "c_index", "c_ok", "l_real", "l_index", "leaving", "too_many", "keep_lone")
+        ),
+    )
+    _launch("step_rows", n, args)
+    return out
 
 
 def chi2_gather(xp: ModuleType, params, cov, row, m0, m1, v0, v1, dim, meas) -> Array:
