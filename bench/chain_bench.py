@@ -5,6 +5,14 @@ the median time per event of every stage, the GPU memory the process holds (CuPy
 per-process figure) and the host RSS. Optionally writes the tracks of the first repetition and runs
 ``trackfleet validate`` on them, so physics is measured on exactly the timed path.
 
+Every batch holds exactly ``--batch`` events, whatever the number of loaded events: batch k of a
+repetition is ``events[(k * batch + i) % len(events)]`` for i in 0..batch-1, cycling through the
+events, and a repetition runs ``ceil(len(events) / batch)`` batches so that every event is
+reconstructed at least once (with 3 events and ``--batch 8``: one batch of 8 = the 3 events, the 3
+again and 2 of them a third time). The reported "batch" is this real size, and times per event
+divide by it. With ``--tracks``, each distinct event's tracks are written once (copies skipped)
+and validated over ``len(events)`` events.
+
     python bench/chain_bench.py --input DIR --backend cupy --batch 1 4 --repeat 3 --json out.json
 """
 
@@ -84,21 +92,27 @@ def main() -> int:
             profiling.TIMES.clear()
         per_event: dict[str, list[float]] = {s: [] for s in (*STAGES, "total")}
         walls = []
+        n_batches = -(-len(events) // batch)  # every event at least once per repetition
+        written: set[int] = set()
         for rep in range(args.repeat):
-            for start in range(0, len(events), batch):
-                chunk = events[start : start + batch]
+            for start in range(0, n_batches * batch, batch):
+                idx = [(start + i) % len(events) for i in range(batch)]
+                chunk = [events[j] for j in idx]
                 t0 = time.perf_counter()
                 out = chain.reconstruct_batch(chunk)
                 walls.append((time.perf_counter() - t0) / len(chunk))
                 for stage, v in out[0][1].items():
                     per_event.setdefault(stage, []).append(v / len(chunk))
                 if rep == 0 and args.tracks and batch == args.batch[0]:
-                    for tracks, _ in out:
-                        write_tracks(args.tracks, tracks)
+                    for j, (tracks, _) in zip(idx, out, strict=True):
+                        if j not in written:  # copies of an event in a cycled batch: write once
+                            written.add(j)
+                            write_tracks(args.tracks, tracks)
         row = {
             "backend": args.backend,
             "batch": batch,
             "events": len(events),
+            "batches_per_repeat": n_batches,
             "repeat": args.repeat,
             "median_ms_per_event": {s: 1e3 * statistics.median(v) for s, v in per_event.items() if v},
             "events_per_s": 1.0 / statistics.median(walls),
@@ -106,7 +120,7 @@ def main() -> int:
             "host_rss_bytes": host_rss_bytes(),
         }
         if args.sections:
-            n_done = len(events) * args.repeat
+            n_done = n_batches * batch * args.repeat
             row["sections_ms_per_event"] = {k: 1e3 * v / n_done for k, v in sorted(profiling.TIMES.items())}
             print("  sections ms/event:", {k: round(v, 2) for k, v in row["sections_ms_per_event"].items()})
         results.append(row)

@@ -6,25 +6,42 @@ flight for ``--seconds`` and measure events/s, latency percentiles, GPU utilizat
 GPU memory per worker process and host memory per process. The best pair is then measured at low
 load (one event in flight: p50 latency) and its tracks are validated against the simulation truth.
 
-Writes ``throughput-<card>-<gpus>gpu-mu<mu>.json`` (keys: card, gpus, mu, events_per_s,
+The pairs are the whole ``--instances`` x ``--batch`` grid, or exactly those listed with
+``--pairs 8x8 4x16`` (instances per GPU x batch).
+
+``--mps`` runs the workers under the NVIDIA CUDA Multi-Process Service, so that kernels of several
+workers on one GPU run concurrently instead of time-slicing. For every pair a private MPS control
+daemon is started (``nvidia-cuda-mps-control -d``, pipe and log directories under that pair's run
+directory, ``CUDA_VISIBLE_DEVICES`` = ``--gpus``) and stopped after the fleet (``echo quit |
+nvidia-cuda-mps-control``). MPS remaps the daemon's visible devices, so the workers get the same
+``CUDA_MPS_PIPE_DIRECTORY`` / ``CUDA_MPS_LOG_DIRECTORY``, no ``CUDA_VISIBLE_DEVICES`` and
+``--device`` = the GPU's position in ``--gpus``. Without the binary, if the daemon does not start,
+or if no MPS server serves the workers once they are up, the study stops with an error (exit 2)
+rather than measuring without MPS. Every grid row and the result carry ``"mps"``.
+
+Writes ``throughput-<card>-<gpus>gpu-mu<mu>[-mps].json`` (keys: card, gpus, mu, mps, events_per_s,
 instances_per_gpu, batch, latency_ms_p50, latency_ms_p99, gpu_utilization, commit, date, command, plus
 the whole grid, memory and physics) into ``--out``.
 
     python bench/throughput_study.py --input .devdata/mu200 --mu 200 --gpus 0 --instances 4 8 --batch 2 4
+    python bench/throughput_study.py --input .devdata/mu200 --mu 200 --gpus 0 --pairs 8x8 4x16 --mps
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +79,10 @@ class GpuSampler(threading.Thread):
             vals = [self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0 for h in self.handles]
             self.util.append(statistics.fmean(vals))
             for h in self.handles:
-                for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h):
+                procs = list(self.nvml.nvmlDeviceGetComputeRunningProcesses(h))
+                with contextlib.suppress(Exception):  # under MPS the clients (workers) are listed here
+                    procs += list(self.nvml.nvmlDeviceGetMPSComputeRunningProcesses(h))
+                for p in procs:
                     self.proc_mem[p.pid] = max(self.proc_mem.get(p.pid, 0), int(p.usedGpuMemory or 0))
             time.sleep(self.interval_s)
 
@@ -102,6 +122,103 @@ def measure(
     return summary.to_dict()
 
 
+MPS_CONTROL = "nvidia-cuda-mps-control"
+
+
+class MpsError(RuntimeError):
+    """MPS was asked for but is not available or not in use."""
+
+    @staticmethod
+    def missing() -> str:
+        return f"--mps: {MPS_CONTROL} is not on PATH (NVIDIA driver utilities); refusing to run without MPS"
+
+
+class Mps:
+    """A private MPS control daemon for one fleet: pipe and log directories under ``run_dir``."""
+
+    def __init__(self, run_dir: Path, gpus: list[int]) -> None:
+        self.binary = shutil.which(MPS_CONTROL)
+        if self.binary is None:
+            raise MpsError(MpsError.missing())
+        self.pipe_dir, self.log_dir = run_dir / "mps-pipe", run_dir / "mps-log"
+        self.pipe_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.client_env = {
+            "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir),
+            "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir),
+        }
+        self.env = {**os.environ, **self.client_env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+        self.started = False
+
+    def _control(self, command: str | None, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+        args = [self.binary, "-d"] if command is None else [self.binary]
+        stdin = None if command is None else command + "\n"  # as `echo quit | nvidia-cuda-mps-control`
+        return subprocess.run(
+            args, input=stdin, env=self.env, capture_output=True, text=True, timeout=timeout_s
+        )
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        r = self._control(None)
+        self.started = True  # quit in any case from here on
+        if r.returncode != 0:
+            raise MpsError(
+                f"--mps: '{MPS_CONTROL} -d' failed ({r.returncode}): {(r.stderr or r.stdout).strip()}"
+            )
+        deadline = time.monotonic() + timeout_s
+        while not (self.pipe_dir / "control").exists():  # the daemon's socket
+            if time.monotonic() > deadline:
+                raise MpsError(
+                    f"--mps: the MPS control daemon did not come up; see {self.log_dir}/control.log"
+                )
+            time.sleep(0.05)
+
+    def check_serving(self) -> None:
+        """Raise unless an MPS server runs (spawned when the first worker initialized CUDA)."""
+        r = self._control("get_server_list")
+        if r.returncode != 0 or not r.stdout.split():
+            raise MpsError(
+                f"--mps: no MPS server is running once the workers are up (the workers did not use MPS; "
+                f"GPU backend? see {self.log_dir}/control.log and server.log)"
+            )
+
+    def quit(self) -> None:
+        if self.started:
+            self.started = False
+            try:
+                r = self._control("quit")
+                if r.returncode != 0:
+                    print(f"warning: MPS quit failed ({r.returncode}): {r.stderr.strip()}", file=sys.stderr)
+            except subprocess.TimeoutExpired:
+                print("warning: MPS quit timed out", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def worker_environment(mps: Mps | None) -> Iterator[None]:
+    """Give the workers (LocalFleet passes ``os.environ`` on) the MPS client environment."""
+    if mps is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(mps.client_env)
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)  # MPS remaps the daemon's devices to 0..n-1
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def parse_pair(text: str) -> tuple[int, int]:
+    """``8x16`` -> (8 instances per GPU, batch 16)."""
+    try:
+        n, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected INSTANCESxBATCH such as 8x8, got {text!r}") from None
+    if n < 1 or b < 1:
+        raise argparse.ArgumentTypeError(f"instances and batch must be >= 1, got {text!r}")
+    return n, b
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process so far (from /proc; None where unreadable)."""
     try:
@@ -116,82 +233,116 @@ def main() -> int:
     ap.add_argument("--input", required=True, help="events (CSV directory with detector files)")
     ap.add_argument("--mu", type=int, required=True, help="pile-up of the input (for the file name)")
     ap.add_argument("--gpus", type=int, nargs="+", default=[0])
-    ap.add_argument("--instances", type=int, nargs="+", default=[4], help="worker processes per GPU")
-    ap.add_argument("--batch", type=int, nargs="+", default=[2], help="dynamic batch sizes")
+    ap.add_argument(
+        "--instances", type=int, nargs="+", default=None, help="worker processes per GPU (default 4)"
+    )
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="dynamic batch sizes (default 2)")
+    ap.add_argument(
+        "--pairs",
+        type=parse_pair,
+        nargs="+",
+        default=None,
+        metavar="NxB",
+        help="measure exactly these (instances per GPU x batch) pairs instead of the --instances x --batch grid",
+    )
+    ap.add_argument("--mps", action="store_true", help="run the workers under the CUDA Multi-Process Service")
     ap.add_argument("--seconds", type=float, default=12.0, help="measurement window [s]")
     ap.add_argument("--warmup-s", type=float, default=4.0)
     ap.add_argument("--backend", default="cupy")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
+    if args.pairs is not None and (args.instances is not None or args.batch is not None):
+        ap.error("--pairs replaces --instances/--batch; give one or the other")
+    pairs = args.pairs or [(n, b) for n in args.instances or [4] for b in args.batch or [2]]
+    if args.mps and shutil.which(MPS_CONTROL) is None:
+        print(f"error: {MpsError.missing()}", file=sys.stderr)
+        return 2
+    try:
+        return study(args, pairs)
+    except MpsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
     events = load_inputs(args.input)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     grid: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    for n in args.instances:
-        for b in args.batch:
-            run_dir = Path(tempfile.mkdtemp(prefix="tf-study-"))
-            fleet = LocalFleet(
-                run_dir,
-                detector=Path(args.input),
-                worker_args=["--backend", args.backend, "--batch", str(b), "--capacity", str(2 * b)],
+    for n, b in pairs:
+        run_dir = Path(tempfile.mkdtemp(prefix="tf-study-"))
+        fleet = LocalFleet(
+            run_dir,
+            detector=Path(args.input),
+            worker_args=["--backend", args.backend, "--batch", str(b), "--capacity", str(2 * b)],
+        )
+        mps = Mps(run_dir, args.gpus) if args.mps else None
+        try:
+            fleet.start_broker()
+            if mps is not None:
+                mps.start()
+            with worker_environment(mps):
+                for i, g in enumerate(args.gpus):
+                    # under MPS the workers see the daemon's devices (--gpus) renumbered 0..n-1
+                    fleet.start_workers(n, extra_args=["--device", str(i if mps else g)])
+            fleet.wait_ready(n * len(args.gpus), timeout_s=600)
+            total = n * len(args.gpus)
+            conc = 2 * total * b
+            measure(fleet.frontend, events, conc, args.warmup_s)
+            if mps is not None:
+                mps.check_serving()  # after the warm-up every worker has used its GPU
+            sampler = GpuSampler(args.gpus)
+            sampler.start()
+            # CPU use of the broker and of this producer over the window: where scaling with GPUs
+            # stops, one of them shows a whole core busy.
+            broker_cpu0, producer_cpu0, wall0 = (
+                cpu_seconds(fleet.broker.pid),
+                time.process_time(),
+                time.monotonic(),
             )
+            s = measure(fleet.frontend, events, conc, args.seconds)
+            wall = time.monotonic() - wall0
+            broker_cpu1 = cpu_seconds(fleet.broker.pid)
+            producer_cpu = (time.process_time() - producer_cpu0) / wall
+            sampler.stop()
+            sampler.join(2)
+            pids = [p.pid for p in fleet.workers]
+            row = {
+                "instances_per_gpu": n,
+                "batch": b,
+                "mps": args.mps,
+                "concurrency": conc,
+                "events_per_s": s["events_per_s"],
+                "latency_ms_p50": s["latency_ms"]["p50"],
+                "latency_ms_p99": s["latency_ms"]["p99"],
+                "events_ok": s["events_ok"],
+                "events_failed": s["events_failed"],
+                "events_lost": s["events_lost"],
+                "gpu_utilization": statistics.median(sampler.util) if sampler.util else None,
+                "gpu_memory_per_worker_bytes": max((sampler.proc_mem.get(p, 0) for p in pids), default=None),
+                "host_rss_per_worker_bytes": max((rss_bytes(p) or 0 for p in pids), default=None),
+                "host_rss_broker_bytes": rss_bytes(fleet.broker.pid) if fleet.broker else None,
+                "broker_cpu_cores": None
+                if broker_cpu0 is None or broker_cpu1 is None
+                else round((broker_cpu1 - broker_cpu0) / wall, 3),
+                "producer_cpu_cores": round(producer_cpu, 3),
+                "card": sampler.card,
+            }
+            grid.append(row)
+            print(json.dumps(row), flush=True)
+            if best is None or row["events_per_s"] > best["row"]["events_per_s"]:
+                low = measure(fleet.frontend, events, 1, max(4.0, args.seconds / 2))
+                tracks = str(run_dir / "tracks")
+                measure(fleet.frontend, events, conc, 0, tracks_dir=tracks)
+                best = {"row": row, "low_load_p50_ms": low["latency_ms"]["p50"], "tracks": tracks}
+        finally:
             try:
-                fleet.start_broker()
-                for g in args.gpus:
-                    fleet.start_workers(n, extra_args=["--device", str(g)])
-                fleet.wait_ready(n * len(args.gpus), timeout_s=600)
-                total = n * len(args.gpus)
-                conc = 2 * total * b
-                measure(fleet.frontend, events, conc, args.warmup_s)
-                sampler = GpuSampler(args.gpus)
-                sampler.start()
-                # CPU use of the broker and of this producer over the window: where scaling with GPUs
-                # stops, one of them shows a whole core busy.
-                broker_cpu0, producer_cpu0, wall0 = (
-                    cpu_seconds(fleet.broker.pid),
-                    time.process_time(),
-                    time.monotonic(),
-                )
-                s = measure(fleet.frontend, events, conc, args.seconds)
-                wall = time.monotonic() - wall0
-                broker_cpu1 = cpu_seconds(fleet.broker.pid)
-                producer_cpu = (time.process_time() - producer_cpu0) / wall
-                sampler.stop()
-                sampler.join(2)
-                pids = [p.pid for p in fleet.workers]
-                row = {
-                    "instances_per_gpu": n,
-                    "batch": b,
-                    "concurrency": conc,
-                    "events_per_s": s["events_per_s"],
-                    "latency_ms_p50": s["latency_ms"]["p50"],
-                    "latency_ms_p99": s["latency_ms"]["p99"],
-                    "events_ok": s["events_ok"],
-                    "events_failed": s["events_failed"],
-                    "events_lost": s["events_lost"],
-                    "gpu_utilization": statistics.median(sampler.util) if sampler.util else None,
-                    "gpu_memory_per_worker_bytes": max(
-                        (sampler.proc_mem.get(p, 0) for p in pids), default=None
-                    ),
-                    "host_rss_per_worker_bytes": max((rss_bytes(p) or 0 for p in pids), default=None),
-                    "host_rss_broker_bytes": rss_bytes(fleet.broker.pid) if fleet.broker else None,
-                    "broker_cpu_cores": None
-                    if broker_cpu0 is None or broker_cpu1 is None
-                    else round((broker_cpu1 - broker_cpu0) / wall, 3),
-                    "producer_cpu_cores": round(producer_cpu, 3),
-                    "card": sampler.card,
-                }
-                grid.append(row)
-                print(json.dumps(row), flush=True)
-                if best is None or row["events_per_s"] > best["row"]["events_per_s"]:
-                    low = measure(fleet.frontend, events, 1, max(4.0, args.seconds / 2))
-                    tracks = str(run_dir / "tracks")
-                    measure(fleet.frontend, events, conc, 0, tracks_dir=tracks)
-                    best = {"row": row, "low_load_p50_ms": low["latency_ms"]["p50"], "tracks": tracks}
-            finally:
                 fleet.stop()
+            finally:
+                if mps is not None:
+                    mps.quit()
     assert best is not None
     from producer.validate import validate
 
@@ -201,6 +352,7 @@ def main() -> int:
         "card": r["card"],
         "gpus": len(args.gpus),
         "mu": args.mu,
+        "mps": args.mps,
         "events_per_s": r["events_per_s"],
         "instances_per_gpu": r["instances_per_gpu"],
         "batch": r["batch"],
@@ -220,7 +372,7 @@ def main() -> int:
         "command": " ".join(["python", *sys.argv]),
         "grid": grid,
     }
-    name = f"throughput-{r['card'].lower()}-{len(args.gpus)}gpu-mu{args.mu}.json"
+    name = f"throughput-{r['card'].lower()}-{len(args.gpus)}gpu-mu{args.mu}{'-mps' if args.mps else ''}.json"
     (out / name).write_text(json.dumps(result, indent=1) + "\n")
     print("BEST", json.dumps({k: v for k, v in result.items() if k != "grid"}), flush=True)
     return 0
