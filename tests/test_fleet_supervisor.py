@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.errors import ConfigError
 from kernels.edm.packed import pack_event
 from producer.client import ClientConfig, FleetClient, PackedInput, ProducerRun, Reply, RunConfig
 from producer.io.events import iter_cells
@@ -83,6 +84,23 @@ def test_config_has_one_program_per_gpu_with_pinned_devices(tmp_path):
         FleetSpec(run_dir=tmp_path, gpus=(1,), run_broker=False, connect="tcp://head:5556", detector=BUNDLED)
     )
     assert "[program:broker]" not in remote and "--connect tcp://head:5556" in remote
+
+
+def test_config_under_mps_starts_the_daemon_first_and_workers_pick_devices_by_position(tmp_path):
+    text = supervisord_config(
+        FleetSpec(run_dir=tmp_path, gpus=(2, 5), instances_per_gpu=3, detector=BUNDLED, mps=True)
+    )
+    mps = text.split("[program:mps]")[1].split("[program:")[0]
+    assert "nvidia-cuda-mps-control -f" in mps and "priority = 5" in mps
+    assert (
+        'CUDA_VISIBLE_DEVICES="2,5"' in mps
+        and f'CUDA_MPS_PIPE_DIRECTORY="{tmp_path.resolve()}/mps-pipe"' in mps
+    )
+    gpu5 = text.split("[program:worker-gpu5]")[1].split("[program:")[0]
+    assert "--device 1" in gpu5 and "CUDA_MPS_PIPE_DIRECTORY" in gpu5 and "CUDA_VISIBLE_DEVICES" not in gpu5
+    assert "--device 0" in text.split("[program:worker-gpu2]")[1].split("[program:")[0]
+    with pytest.raises(ConfigError, match="--mps needs --gpus"):
+        FleetSpec(run_dir=tmp_path, cpu_workers=1, detector=BUNDLED, mps=True)
 
 
 @pytest.mark.timeout(90)
