@@ -9,7 +9,8 @@
 # (default "0 1"), COUNTS, MUS ("200 50"), INSTANCES ("8"), BATCH ("4 8"), WINDOW_S (10),
 # BACKEND (cupy), PYTHON (python3); PAIRS (e.g. "8x8 4x16": exactly these instances x batch pairs
 # instead of the INSTANCES x BATCH grid); MPS=1 (workers under the CUDA Multi-Process Service, --mps;
-# needs nvidia-cuda-mps-control). Needs pyzmq and supervisor importable (see ../shared/device/README.md
+# needs nvidia-cuda-mps-control); PRODUCERS (closed-loop producer processes, default 1).
+# Needs pyzmq and supervisor importable (see ../shared/device/README.md
 # on the GPU machine) and CuPy.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,6 +34,6 @@ for mu in ${MUS:-200 50}; do
   for n in "${counts[@]}"; do
     # shellcheck disable=SC2086
     "$py" bench/throughput_study.py --input "$events" --mu "$mu" --gpus ${gpus[@]:0:$n} "${grid[@]}" \
-      ${mps[@]+"${mps[@]}"} --seconds "${WINDOW_S:-10}" --backend "${BACKEND:-cupy}" --warmup-s 3 --out "$out"
+      ${mps[@]+"${mps[@]}"} --producers "${PRODUCERS:-1}" --seconds "${WINDOW_S:-10}" --backend "${BACKEND:-cupy}" --warmup-s 3 --out "$out"
   done
 done

@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -44,6 +45,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -120,6 +123,40 @@ def measure(
     if writer is not None:
         writer.close()
     return summary.to_dict()
+
+
+def _producer_process(endpoint: str, inputs: str, concurrency: int, seconds: float) -> dict:
+    """One closed-loop producer process of :func:`measure_parallel` (spawned: loads its own events)."""
+    cpu0 = time.process_time()
+    events = load_inputs(inputs)
+    with FleetClient(ClientConfig(endpoint=endpoint)) as client:
+        summary = ProducerRun(
+            client, events, RunConfig(concurrency=concurrency, duration_s=seconds, progress=False)
+        ).run()
+    return {**summary.to_dict(), "latencies_s": summary.latencies_s, "cpu_s": time.process_time() - cpu0}
+
+
+def measure_parallel(endpoint: str, inputs: str, concurrency: int, seconds: float, producers: int) -> dict:
+    """Like :func:`measure` with ``producers`` processes sharing ``concurrency``: one Python producer
+    tops out near one core (~750 small events/s), which would cap the fleet it measures."""
+    ctx = multiprocessing.get_context("spawn")
+    share = [concurrency // producers + (1 if i < concurrency % producers else 0) for i in range(producers)]
+    with ctx.Pool(producers) as pool:
+        parts = pool.starmap(_producer_process, [(endpoint, inputs, c, seconds) for c in share if c > 0])
+    lat = np.asarray([x for p in parts for x in p["latencies_s"]]) * 1e3
+    elapsed = max(p["elapsed_s"] for p in parts)
+    ok = sum(p["events_ok"] for p in parts)
+    return {
+        "events_ok": ok,
+        "events_failed": sum(p["events_failed"] for p in parts),
+        "events_lost": sum(p["events_lost"] for p in parts),
+        "events_per_s": round(ok / elapsed, 3) if elapsed > 0 else 0.0,
+        "latency_ms": {
+            "p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
+            "p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
+        },
+        "cpu_s": sum(p["cpu_s"] for p in parts),
+    }
 
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
@@ -247,6 +284,9 @@ def main() -> int:
     )
     ap.add_argument("--mps", action="store_true", help="run the workers under the CUDA Multi-Process Service")
     ap.add_argument("--seconds", type=float, default=12.0, help="measurement window [s]")
+    ap.add_argument(
+        "--producers", type=int, default=1, help="closed-loop producer processes sharing the load (default 1)"
+    )
     ap.add_argument("--warmup-s", type=float, default=4.0)
     ap.add_argument("--backend", default="cupy")
     ap.add_argument("--out", default=".")
@@ -302,10 +342,13 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
                 time.process_time(),
                 time.monotonic(),
             )
-            s = measure(fleet.frontend, events, conc, args.seconds)
+            if args.producers > 1:
+                s = measure_parallel(fleet.frontend, args.input, conc, args.seconds, args.producers)
+            else:
+                s = measure(fleet.frontend, events, conc, args.seconds)
             wall = time.monotonic() - wall0
             broker_cpu1 = cpu_seconds(fleet.broker.pid)
-            producer_cpu = (time.process_time() - producer_cpu0) / wall
+            producer_cpu = (s["cpu_s"] if args.producers > 1 else time.process_time() - producer_cpu0) / wall
             sampler.stop()
             sampler.join(2)
             pids = [p.pid for p in fleet.workers]
@@ -314,6 +357,7 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
                 "batch": b,
                 "mps": args.mps,
                 "concurrency": conc,
+                "producers": args.producers,
                 "events_per_s": s["events_per_s"],
                 "latency_ms_p50": s["latency_ms"]["p50"],
                 "latency_ms_p99": s["latency_ms"]["p99"],
