@@ -1,28 +1,38 @@
 """What the KServe gateway adds to one request's latency, on loopback, with a worker that answers at once.
 
-A broker (subprocess), a stand-in worker that replies to every job with the same packed tracks (no
-reconstruction, so the fleet's own time is only the broker hops), and ``trackfleet gateway`` in a second
-subprocess. The request is one mu=200-sized event: ``--cells`` cells (default 330k) drawn at random on
-the modules the bundled mu=20 events hit (weighted by their occupancy), valid channels, sorted and
-duplicate-free as perf_analyzer's data is, with TIMESTAMP, EVENT_ID and TRUTH_ID (~10.6 MB of tensors);
-the answer is ~2600 tracks with ~28k measurements (10 x a bundled mu=20 event's).
+A broker (subprocess), a stand-in worker that answers every job at once with the same packed tracks (no
+reconstruction: the fleet's own time is only the broker hops) and ``trackfleet gateway`` (subprocess, the
+tree ``--tree``, by default this one). The request is one mu=200-sized event: ``--cells`` cells (330k)
+drawn on the modules the bundled mu=20 events hit (weighted by their occupancy) with valid channels,
+sorted and duplicate-free as perf_analyzer's data is, with TIMESTAMP, EVENT_ID and TRUTH_ID (10.6 MB of
+tensors); the answer is 2600 tracks with ~28k measurements (10 x a bundled mu=20 event's, 1.6 MB).
 
-At concurrency 1 it times, after a warm-up:
+One request at a time, paths taking turns in ``--rounds`` rounds after a warm-up:
 
-- **direct**: the packed event straight into the broker with the producer client (``FleetClient``);
-- **http** / **grpc**: the same event through the gateway with ``tritonclient`` (binary tensors / raw
-  contents, all outputs binary), one request at a time.
+- ``direct``: the packed event straight into the broker with the producer client (``FleetClient``);
+- ``http_raw`` / ``grpc_raw``: through the gateway, the request encoded once (the binary tensor
+  extension / ``raw_input_contents``), all outputs binary: what a C++ client such as perf_analyzer
+  costs, nearly;
+- ``http`` / ``grpc``: through the gateway with ``tritonclient``, which encodes every request (in
+  Python, it costs the client 5-15 ms more here).
 
-``added = median(through the gateway) - median(direct)``: what a client pays for the gateway, its own
-client library included. The gateway process also times its part of every request (monkeypatched
-wrappers, nothing in the product): ``read`` (HTTP body read / gRPC -- done by grpc before the handler,
-see ``grpc_parse_ms``), ``parse`` (KServe header / message -> inputs), ``decode`` (input checks),
-``pack`` (value checks, sort check, detector check, packing), ``fleet`` (submit to reply, i.e. the
-broker round trip), ``output`` (tracks -> output tensors), ``respond`` (response encoding and
-writing). ``grpc_parse_ms`` / ``grpc_serialize_ms`` are protobuf's own (de)serialization of the request
-and response, timed apart.
+``added = median(path) - median(direct)`` is what a client pays for the gateway. The gateway process
+also times its part of every request (wrappers installed by this script, nothing in the product), as
+medians [ms]: ``before_handler`` (client send to handler start: the request's transfer, for gRPC also
+grpc's own receive), ``read`` (HTTP: the body), ``parse`` (KServe JSON header / message -> inputs),
+``decode`` (names, datatypes, shapes, sizes), ``pack`` (value checks, order check, detector check,
+packing for the broker), ``fleet`` (submit to reply: the broker round trip, ``direct`` plus the hop
+into the gateway's broker thread), ``output`` (tracks -> output tensors), ``respond`` (response encoding
+and writing), ``handler`` (all of the handler), ``after_handler`` (handler end to the client holding the
+answer). ``grpc_protobuf_parse_ms`` is protobuf's own parse of the request, timed apart (what a handler
+on the parsed message pays before it starts). ``--baseline DIR`` times a second tree's gateway in the
+same rounds (paths ``...@baseline``).
 
-    .venv/bin/python bench/gateway_latency.py [--cells 330000] [--requests 40] [--json OUT]
+On a small machine placement decides how fast 10 MB cross loopback, so ``--cpus`` pins the client and
+the worker to one core and the gateway and the broker to another (on a 2-core VM a gRPC request whose
+sender and receiver share a core takes ~25 ms instead of ~10).
+
+    .venv/bin/python bench/gateway_latency.py [--requests 40] [--baseline DIR] [--json OUT]
 """
 
 from __future__ import annotations
@@ -67,13 +77,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cpus",
         default="0:1" if len(os.sched_getaffinity(0)) >= 2 else "",
-        help="CLIENT:SERVER cores: the client and the stand-in worker on one, the broker and the gateway "
-        "on the other ('' leaves placement to the OS; default %(default)r)",
+        help="CLIENT:SERVER[:BROKER] cores: the client and the stand-in worker on one, the gateway and "
+        "(unless BROKER names another) the broker on the other ('' leaves placement to the OS; "
+        "default %(default)r)",
+    )
+    p.add_argument(
+        "--tree",
+        type=Path,
+        default=ROOT,
+        help="the trackfleet tree whose gateway is timed (default this one)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another trackfleet source tree (e.g. a `git worktree` of the commit before a change): its "
+        "gateway is timed too, in the same rounds, as PATH@baseline",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
     # internal: the gateway process
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--broker", help=argparse.SUPPRESS)
+    p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--endpoints-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--timings-file", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -195,6 +219,7 @@ class InstantWorker(threading.Thread):
 
 def serve(args: argparse.Namespace) -> int:
     """Run the gateway with timing wrappers until SIGTERM; then write what they timed."""
+    sys.path.insert(0, str(args.root or ROOT))  # the trackfleet tree under test
     import producer.gateway.grpc_server as gs
     import producer.gateway.http_server as hs
     import producer.gateway.service as svc
@@ -272,13 +297,17 @@ def serve(args: argparse.Namespace) -> int:
 
     hs._Handler._dispatch = dispatch  # type: ignore[method-assign]
     # gRPC: the handler (after grpc parsed the message), the conversion to inputs
-    gs._inputs = timed("parse", gs._inputs)
+    for name in ("_inputs", "split_infer_request"):
+        if hasattr(gs, name):
+            setattr(gs, name, timed("parse", getattr(gs, name)))
     build = gs.build_servicer
 
     def build_servicer(gateway: Any) -> Any:
         servicer = build(gateway)
         cls = type(servicer)
         cls.ModelInfer = request_scope("grpc", cls.ModelInfer)
+        if hasattr(servicer, "model_infer_bytes"):  # ModelInfer on the message's bytes
+            servicer.model_infer_bytes = request_scope("grpc", servicer.model_infer_bytes)
         return servicer
 
     gs.build_servicer = build_servicer  # type: ignore[assignment]
@@ -468,14 +497,25 @@ CLIENTS: dict[str, tuple[str, Callable[[int, dict[str, np.ndarray], list[str]], 
 }
 
 
-def _git_head() -> str:
+def _git_head(root: Path) -> str:
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+            ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True
         )
         return out.stdout.strip()
     except OSError:
         return ""
+
+
+def start_gateway(broker: str, run: Path, tag: str, root: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """A gateway (this script's ``--serve``) importing trackfleet from ``root``; its endpoints and timings files."""
+    ep, timings = run / f"gateway{tag}.json", run / f"timings{tag}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--root", str(root), "--broker", broker]
+    cmd += ["--endpoints-file", str(ep), "--timings-file", str(timings)]
+    log = (run / f"gateway{tag}.log").open("wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return proc, ep, timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,7 +530,13 @@ def main(argv: list[str] | None = None) -> int:
     from producer.launch import LocalFleet
 
     outputs = [o.name for o in OUTPUTS]
-    paths = args.paths.split(",")
+    clients = [p for p in args.paths.split(",") if p != "direct"]
+    trees = {"": args.tree.resolve()}
+    if args.baseline is not None:
+        trees["@baseline"] = args.baseline.resolve()
+    paths = (["direct"] if "direct" in args.paths.split(",") else []) + [
+        p + tag for p in clients for tag in trees
+    ]
     tensors = synth_event(args.cells)
     n = tensors["GEOMETRY_ID"].shape[0]
     size_mb = sum(a.nbytes for a in tensors.values()) / 1e6
@@ -510,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(tempfile.mkdtemp(prefix="gateway-latency-"))
     fleet = LocalFleet(run / "fleet", detector=BUNDLED)
     worker = None
-    gateway = None
+    gateways: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
     closers: list[Callable[[], None]] = []
     spans: dict[str, list[tuple[float, float]]] = {p: [] for p in paths}
     results: dict[str, Any] = {
@@ -518,52 +564,50 @@ def main(argv: list[str] | None = None) -> int:
         "request_mb": round(size_mb, 2),
         "tracks": args.tracks,
         "cpus": args.cpus,
-        "commit": _git_head(),
+        "trees": {tag or "current": f"{root} ({_git_head(root)})" for tag, root in trees.items()},
     }
-    timings = run / "timings.json"
     # On a small machine placement decides how fast 10 MB cross loopback: a sender and a receiver that share
     # a core take turns (on this 2-core VM, ~25 ms for a gRPC request instead of ~10). Pinning makes runs
     # comparable; the broker shares the gateway's core, which if anything overstates the gateway's cost.
-    client_cpus, server_cpus = ({int(c)} for c in args.cpus.split(":")) if args.cpus else (None, None)
-    if server_cpus:
-        os.sched_setaffinity(0, server_cpus)  # inherited by the broker and the gateway
+    cpus = [{int(c)} for c in args.cpus.split(":")] if args.cpus else []
+    client_cpus, server_cpus = (cpus[0], cpus[1]) if cpus else (None, None)
+    broker_cpus = cpus[2] if len(cpus) > 2 else server_cpus
     try:
+        if broker_cpus:
+            os.sched_setaffinity(0, broker_cpus)  # inherited by the broker
         fleet.start_broker()
-        ep = run / "gateway.json"
-        log = (run / "gateway.log").open("wb")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--broker", fleet.frontend]
-        cmd += ["--endpoints-file", str(ep), "--timings-file", str(timings)]
-        gateway = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
+        if server_cpus:
+            os.sched_setaffinity(0, server_cpus)  # inherited by the gateways
+        for tag, root in trees.items():
+            gateways[tag] = start_gateway(fleet.frontend, run, tag, root)
         if client_cpus:
             os.sched_setaffinity(0, client_cpus)  # before this process starts any thread
         worker = InstantWorker(fleet.backend, (header, *bufs))
         worker.start()
         fleet.wait_ready(1, timeout_s=20)
-        deadline = time.monotonic() + 60
-        while not ep.exists():
-            if gateway.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not start; see {run}/gateway.log")
-            time.sleep(0.1)
-        ports = json.loads(ep.read_text())
         calls: dict[str, Call] = {}
-        for path in paths:
-            if path == "direct":
-                calls[path], close = direct_client(fleet.frontend, (ev_header, *ev_bufs))
-                closers.append(close)
-            else:
+        if "direct" in paths:
+            calls["direct"], close = direct_client(fleet.frontend, (ev_header, *ev_bufs))
+            closers.append(close)
+        for tag, (proc, ep, _) in gateways.items():
+            deadline = time.monotonic() + 60
+            while not ep.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"gateway{tag} did not start; see {run}/gateway{tag}.log")
+                time.sleep(0.1)
+            ports = json.loads(ep.read_text())
+            for path in clients:
                 proto, make = CLIENTS[path]
-                calls[path] = make(ports[proto], tensors, outputs)
-        deadline = time.monotonic() + 30
-        while True:  # the first answer also proves the gateway ready
-            try:
-                calls[paths[-1]]("warmup")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+                calls[path + tag] = make(ports[proto], tensors, outputs)
+            deadline = time.monotonic() + 30
+            while True:  # the first answer also proves the gateway ready
+                try:
+                    calls[clients[0] + tag]("warmup")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
         for path in paths:
             for _ in range(args.warmup):
                 calls[path]("warmup")
@@ -575,21 +619,24 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     calls[path](path)
                     spans[path].append((t0, time.perf_counter()))
-        if "grpc_raw" in paths or "grpc" in paths:
+        if any(p.startswith("grpc") for p in clients):
             results["grpc_protobuf_parse_ms"] = grpc_codec_times(tensors)
     finally:
         for close in closers:
             close()
         if worker is not None:
             worker.stop.set()
-        if gateway is not None and gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(20)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+        for proc, _, _ in gateways.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         fleet.stop(timeout_s=10)
-    records = json.loads(timings.read_text()) if timings.exists() else []
+    records = []
+    for _, _, timings in gateways.values():
+        records += json.loads(timings.read_text()) if timings.exists() else []
     direct = median_ms([b - a for a, b in spans.get("direct", [])])
     for path in paths:
         e2e = median_ms([b - a for a, b in spans[path]])
@@ -601,8 +648,12 @@ def main(argv: list[str] | None = None) -> int:
             if len(rs) == len(spans[path]):
                 entry["gateway_ms"] = gateway_phases(rs, spans[path])
         results[path] = entry
-        print(f"{path:9s} median {e2e:7.2f} ms  added {entry.get('added_ms', '-')} ms", flush=True)
     print(json.dumps(results, indent=1))
+    print(f"{'path':18s} {'median ms':>9s} {'added ms':>9s}   gateway phases [ms]")
+    for path in paths:
+        e = results[path]
+        phases = " ".join(f"{k} {v}" for k, v in e.get("gateway_ms", {}).items())
+        print(f"{path:18s} {e['median_ms']:9.2f} {e.get('added_ms', '-'):>9}   {phases}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
