@@ -38,8 +38,10 @@ sender and receiver share a core takes ~25 ms instead of ~10).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -246,7 +248,7 @@ def serve(args: argparse.Namespace) -> int:
 
     def request_scope(proto: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*a: Any, **kw: Any) -> Any:
-            local.t = {}
+            local.t = {"minflt": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
             t0 = time.perf_counter()
             try:
                 return fn(*a, **kw)
@@ -465,6 +467,10 @@ def gateway_phases(rs: list[dict[str, Any]], spans: list[tuple[float, float]]) -
     if rs and "handler" in rs[0]:  # HTTP: from the request's headers to the response written
         phases["read"] = median_ms([r["handler"] - r["total"] for r in rs])
         phases["handler"] = median_ms([r["handler"] for r in rs])
+    # page faults of the gateway process from one request's handler start to the next's
+    faults = [b["minflt"] - a["minflt"] for a, b in itertools.pairwise(rs) if "minflt" in a]
+    if faults:
+        phases["page_faults"] = float(statistics.median(faults))
     # client send -> handler start (transport, gRPC's parse), handler end -> client holds the answer
     t0 = [r.get("t0_http", r["t0"]) for r in rs]
     phases["before_handler"] = median_ms([a - c0 for a, (c0, _) in zip(t0, spans, strict=True)])

@@ -242,6 +242,56 @@ def test_requested_outputs_and_json_data(app, event):
     assert result.as_numpy("TRACK_LENGTH").sum() > 0 and result.as_numpy("TRACK_CHI2").dtype == np.float64
 
 
+def test_grpc_model_infer_reads_tensors_without_protobuf():
+    # ModelInfer takes the message's bytes: the raw contents are cut out as views, the rest parsed
+    from tritonclient.grpc import service_pb2 as pb
+
+    from producer.gateway.grpc_server import encode_infer_response, split_infer_request
+    from producer.gateway.model import InferError
+
+    raw_field = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+    req = pb.ModelInferRequest(model_name="trackfleet", model_version="1", id="r7")
+    req.parameters["priority"].int64_param = 3
+    blobs = [np.arange(n, dtype=np.uint8).tobytes() for n in (0, 5, 300, 70_000)]
+    for i, b in enumerate(blobs):
+        req.inputs.add(name=f"I{i}", datatype="UINT8", shape=[len(b)])
+        req.raw_input_contents.append(b)
+    req.outputs.add(name="TRACK_PARAMS")
+    wire = req.SerializeToString()
+    rest, raw = split_infer_request(wire, raw_field)
+    assert [bytes(r) for r in raw] == blobs
+    assert all(r.obj is wire for r in raw)  # views, not copies
+    plain = pb.ModelInferRequest()
+    plain.CopyFrom(req)
+    del plain.raw_input_contents[:]
+    assert pb.ModelInferRequest.FromString(rest) == plain
+    # the raw contents may come anywhere (protobuf merges concatenated messages)
+    tail = pb.ModelInferRequest(raw_input_contents=[b"xyz"], id="r8").SerializeToString()
+    rest, raw = split_infer_request(tail + wire, raw_field)
+    assert [bytes(r) for r in raw] == [b"xyz", *blobs] and pb.ModelInferRequest.FromString(rest).id == "r7"
+    for bad in (wire[:-1], b"\x0b", b"\x3a\xff", b"\x08\x80", b"\x00\x01"):
+        with pytest.raises(InferError, match="malformed"):
+            split_infer_request(bad, raw_field)
+    # the response: protobuf's own message, raw outputs appended as the repeated field
+    resp = pb.ModelInferResponse(model_name="trackfleet", model_version="1", id="r7")
+    resp.outputs.add(name="A", datatype="FP64", shape=[2, 5])
+    resp.outputs.add(name="B", datatype="INT8", shape=[0])
+    arrays = [np.arange(10, dtype=np.float64).reshape(2, 5), np.zeros(0, np.int8)]
+    out_field = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+    back = pb.ModelInferResponse.FromString(encode_infer_response(resp, out_field, arrays))
+    assert list(back.raw_output_contents) == [a.tobytes() for a in arrays]
+    assert back.id == "r7" and [o.name for o in back.outputs] == ["A", "B"]
+
+
+def test_grpc_malformed_message_is_invalid_argument(app):
+    channel = grpc.insecure_channel(f"127.0.0.1:{app.bound['grpc']}")
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+    with pytest.raises(grpc.RpcError) as err:
+        call(b"\x3a\xff\xff\x03")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in err.value.details()
+    channel.close()
+
+
 # --- metadata, health, statistics --------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import json
 import re
 from dataclasses import replace
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -259,3 +260,150 @@ def test_cells_are_checked_against_the_detector(detector):
     unknown = request(3, GEOMETRY_ID=(np.array([g0, g0, 12345], np.uint64), "UINT64"))
     with pytest.raises(InferError, match="GEOMETRY_ID 12345 is not a sensitive module"):
         model.cells_from_inputs(model.decode_inputs(unknown), detector)
+
+
+# --- packing a request for the broker ----------------------------------------------------------------
+
+
+def sorted_tensors(
+    n: int,
+    rng,
+    channel_max: int = 500,
+    truth=None,
+    timestamp: bool = True,
+    modules=None,
+    channel1_max: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Decoded tensors of ``n`` distinct cells in the reader's order (geometry id, channel1, channel0)."""
+    modules = np.arange(10, 60, dtype=np.uint64) if modules is None else modules
+    g = rng.choice(modules, 3 * n)
+    c0 = rng.integers(0, channel_max, 3 * n).astype(np.int32)
+    c1 = rng.integers(0, channel1_max or channel_max, 3 * n).astype(np.int32)
+    order = np.lexsort((c0, c1, g))
+    keep = np.r_[True, (np.diff(g[order]) != 0) | (np.diff(c1[order]) != 0) | (np.diff(c0[order]) != 0)]
+    idx = order[keep][:n]
+    out = {
+        "GEOMETRY_ID": g[idx].astype("<u8"),
+        "CHANNEL0": c0[idx].astype("<i4"),
+        "CHANNEL1": c1[idx].astype("<i4"),
+        "VALUE": rng.random(idx.size).astype("<f4"),
+        "EVENT_ID": np.array([42], "<u8"),
+    }
+    if timestamp:
+        out["TIMESTAMP"] = rng.random(idx.size).astype("<f4")
+    if truth is not None:
+        out["TRUTH_ID"] = truth(idx.size).astype("<i8")
+    return out
+
+
+def assert_packed_like_pack_event(tensors, detector=None, fingerprint: str = "") -> model.PackedRequest:
+    from kernels.edm.packed import pack_event, unpack_event
+
+    got = model.pack_inputs(tensors, detector, fingerprint)
+    cells = model.cells_from_inputs(tensors, detector)
+    header, buffers = pack_event(cells, fingerprint)
+    assert got.header == header
+    assert [b.dtype.str for b in got.buffers] == [b.dtype.str for b in buffers]
+    assert [b.tobytes() for b in got.buffers] == [b.tobytes() for b in buffers]
+    assert (got.event_id, got.n_cells) == (cells.event_id, cells.size)
+    back = unpack_event(got.frames[0], got.frames[1:]).to_cells(np)
+    for name in ("geometry_id", "channel0", "channel1", "activation", "time", "measurement_id"):
+        assert np.array_equal(getattr(back, name), getattr(cells, name)), name
+    return got
+
+
+def test_pack_inputs_gives_pack_event_bytes(rng):
+    # sorted and unique (the fast path), in every dtype the packed format narrows to or keeps
+    big_truth = lambda m: rng.integers(-1, 2**40, m)  # noqa: E731 - -1 and > 2^32: int64 on the wire
+    cases = {
+        "narrow": sorted_tensors(400, rng, truth=lambda m: rng.integers(0, 2**32, m)),
+        "wide channels, wide truth": sorted_tensors(400, rng, channel_max=100_000, truth=big_truth),
+        "no timestamp, no truth": sorted_tensors(400, rng, timestamp=False),
+        "one module": sorted_tensors(50, rng, modules=np.array([7], np.uint64)),
+    }
+    for name, tensors in cases.items():
+        got = assert_packed_like_pack_event(tensors)
+        assert model._sorted_runs(tensors["GEOMETRY_ID"], tensors["CHANNEL0"], tensors["CHANNEL1"]), name
+        if "TIMESTAMP" in tensors:  # the float columns reach the broker as views of the request
+            assert np.shares_memory(got.buffers[4], tensors["VALUE"]), name
+            assert np.shares_memory(got.buffers[5], tensors["TIMESTAMP"]), name
+    assert_packed_like_pack_event(sorted_tensors(400, rng, channel_max=100_000, channel1_max=3))  # one wide
+    # any other order, duplicates, and tiny events take the reader's path: the same bytes
+    assert_packed_like_pack_event(model.decode_inputs(request(200, rng)))
+    dup = sorted_tensors(100, rng)
+    dup = {k: (np.r_[v[:10], v[9:]] if v.shape[0] == 100 else v) for k, v in dup.items()}
+    assert model._sorted_runs(dup["GEOMETRY_ID"], dup["CHANNEL0"], dup["CHANNEL1"]) is None
+    assert assert_packed_like_pack_event(dup).n_cells == 100
+    one = sorted_tensors(1, rng)
+    assert assert_packed_like_pack_event(one).n_cells == 1
+    assert assert_packed_like_pack_event({k: v[:0] for k, v in one.items() if k != "EVENT_ID"}).n_cells == 0
+
+
+def test_pack_inputs_reads_unaligned_request_data(rng):
+    # tensors at odd offsets of a request body (HTTP after its JSON header, gRPC inside the message)
+    tensors = sorted_tensors(300, rng, truth=lambda m: rng.integers(0, 1000, m))
+    blob = b"\0" * 3 + b"".join(a.tobytes() for a in tensors.values())
+    raws, pos = [], 3
+    for name, a in tensors.items():
+        raws.append(
+            RawInput(
+                name, model.INPUT_BY_NAME[name].datatype, a.shape, data=memoryview(blob)[pos : pos + a.nbytes]
+            )
+        )
+        pos += a.nbytes
+    decoded = model.decode_inputs(raws)
+    assert not decoded["GEOMETRY_ID"].flags.aligned
+    assert model.pack_inputs(decoded).header == model.pack_inputs(tensors).header
+    assert_packed_like_pack_event(decoded)
+
+
+def test_sorted_runs_detects_every_order_violation():
+    g = np.array([1, 1, 2, 2], np.uint64)
+    c1 = np.array([0, 1, 0, 0], np.int32)
+    c0 = np.array([5, 0, 1, 2], np.int32)
+    starts, ch0, _ = model._sorted_runs(g, c0, c1)
+    assert starts.tolist() == [0, 2] and ch0.dtype == np.dtype("<u2")
+    assert model._sorted_runs(g[::-1].copy(), c0, c1) is None
+    assert model._sorted_runs(g, c0, np.array([1, 0, 0, 0], np.int32)) is None
+    assert model._sorted_runs(g, np.array([5, 0, 2, 2], np.int32), c1) is None  # duplicate cell
+    for wide in (2**16, 2**31 - 1):  # the same checks on the 64-bit key
+        assert model._sorted_runs(g, np.array([5, wide, 1, 2], np.int32), c1) is not None
+        assert model._sorted_runs(g, np.array([wide, 0, 2, 2], np.int32), c1[[0, 0, 2, 3]]) is None
+        assert model._sorted_runs(g, c0, np.array([wide, 0, 0, 0], np.int32)) is None
+
+
+def test_pack_inputs_checks_like_cells_from_inputs(detector):
+    ids = np.asarray(detector.geometry_id)
+    bins = np.asarray(detector.seg_bins)
+    rng = np.random.default_rng(5)
+    pick = np.sort(rng.choice(ids.shape[0], 40, replace=False))
+    modules = ids[pick]
+    # channels inside every module picked
+    tensors = sorted_tensors(300, rng, channel_max=int(bins[pick].min()), modules=modules)
+    got = assert_packed_like_pack_event(tensors, detector, "fp")
+    assert msgpack.unpackb(got.header)["detector"] == "fp"
+    k = int(np.searchsorted(ids, tensors["GEOMETRY_ID"][-1]))
+    bad = {
+        "not a sensitive module": dict(
+            GEOMETRY_ID=np.r_[tensors["GEOMETRY_ID"][:-1], np.uint64(ids.max() + 1)]
+        ),
+        f"channel {int(bins[k, 0])} outside": dict(
+            CHANNEL0=np.r_[tensors["CHANNEL0"][:-1], np.int32(bins[k, 0])]
+        ),
+        f"channel {int(bins[k, 1])} outside": dict(
+            CHANNEL1=np.r_[tensors["CHANNEL1"][:-1], np.int32(bins[k, 1])]
+        ),
+        "negative channel": dict(CHANNEL0=np.r_[-1, tensors["CHANNEL0"][1:]].astype(np.int32)),
+        "not finite": dict(TIMESTAMP=np.r_[np.float32("inf"), tensors["TIMESTAMP"][1:]].astype(np.float32)),
+        "2^63": dict(EVENT_ID=np.array([2**63], np.uint64)),
+    }
+    for text, change in bad.items():
+        t = {**tensors, **change}
+        with pytest.raises(InferError, match=re.escape(text)) as fast:
+            model.pack_inputs(t, detector)
+        with pytest.raises(InferError) as slow:
+            model.cells_from_inputs(t, detector)
+        assert str(fast.value) == str(slow.value)
+    with pytest.raises(InferError, match="exceed") as err:
+        model.pack_inputs(tensors, detector, max_cells=10)
+    assert err.value.status is Status.TOO_LARGE

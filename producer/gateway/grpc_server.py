@@ -6,6 +6,13 @@ when a server is built, never at module import. Inputs may come as ``raw_input_c
 tritonclient and perf_analyzer send) or as typed ``contents``; outputs always go back as
 ``raw_output_contents``. Messages above the request limit are refused by gRPC itself
 (RESOURCE_EXHAUSTED); every other error is a status code with the gateway's message.
+
+ModelInfer, the call that carries megabytes, skips protobuf for its tensors: gRPC hands the handler the
+message's bytes, :func:`split_infer_request` cuts the ``raw_input_contents`` out as views of them (the
+rest, a few hundred bytes, is parsed as usual), and the response's ``raw_output_contents`` are written
+after the serialized rest by :func:`encode_infer_response`. Protobuf would copy each tensor twice on the
+way in (parsing, then reading the field) and twice on the way out. ModelStreamInfer uses the parsed
+messages.
 """
 
 from __future__ import annotations
@@ -55,8 +62,85 @@ def import_stubs() -> tuple[Any, Any, Any, Any]:
     return grpc, service_pb2, service_pb2_grpc, model_config_pb2
 
 
-def _inputs(request: Any) -> list[RawInput]:
-    raw = list(request.raw_input_contents)
+_SERVICE = "inference.GRPCInferenceService"
+
+
+def _varint(mv: memoryview, pos: int) -> tuple[int, int]:
+    """A protobuf varint at ``pos``: (value, position after it)."""
+    value = shift = 0
+    while True:
+        if pos >= len(mv) or shift > 63:
+            raise InferError("malformed ModelInferRequest: truncated or overlong varint")
+        b = mv[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def split_infer_request(data: bytes, raw_field: int) -> tuple[bytes, list[memoryview]]:
+    """A serialized ModelInferRequest without its ``raw_input_contents`` (field ``raw_field``), and those
+    contents as views of ``data``, in order. Only the top-level fields are walked.
+
+    Raises:
+        InferError: the bytes are not a well-formed protobuf message.
+    """
+    mv = memoryview(data).cast("B")
+    n = len(mv)
+    pos = 0
+    raw: list[memoryview] = []
+    keep: list[memoryview] = []
+    kept_from = 0  # start of the run of fields kept since the last raw content
+    while pos < n:
+        start = pos
+        key, pos = _varint(mv, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _varint(mv, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _varint(mv, pos)
+            if field == raw_field and pos + length <= n:
+                raw.append(mv[pos : pos + length])
+                keep.append(mv[kept_from:start])
+                kept_from = pos + length
+            pos += length
+        else:
+            raise InferError(f"malformed ModelInferRequest: wire type {wire_type} at byte {start}")
+        if pos > n or field == 0:
+            raise InferError(f"malformed ModelInferRequest: field {field} at byte {start} runs past the end")
+    keep.append(mv[kept_from:])
+    return b"".join(keep), raw
+
+
+def encode_infer_response(response: Any, raw_field: int, outputs: list[Any]) -> bytes:
+    """``response`` serialized, followed by ``outputs`` as its ``raw_output_contents`` (field ``raw_field``),
+    each copied once. Protobuf appends repeated fields in the order they come, so this is the message
+    with ``raw_output_contents`` set."""
+    tag = _encode_varint(raw_field << 3 | 2)
+    parts: list[Any] = [response.SerializeToString()]
+    for arr in outputs:
+        blob = memoryview(arr).cast("B") if arr.size else b""
+        parts += [tag, _encode_varint(len(blob)), blob]
+    return b"".join(parts)
+
+
+def _inputs(request: Any, raw: list[Any] | None = None) -> list[RawInput]:
+    if raw is None:
+        raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InferError(
             f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give raw contents for all "
@@ -99,12 +183,13 @@ def build_servicer(gateway: Gateway) -> Any:
         gateway.model_config(gateway.config.model_name), mc_pb.ModelConfig(), ignore_unknown_fields=False
     )
 
-    def infer_response(request: Any, started: float) -> Any:
+    def infer(request: Any, started: float, raw: list[Any] | None = None) -> tuple[Any, list[Any]]:
+        """The response without its raw contents, and the output arrays that belong there."""
         requested = [o.name for o in request.outputs]
         result = gateway.infer(
             request.model_name,
             request.model_version,
-            _inputs(request),
+            _inputs(request, raw),
             requested or None,
             request_id=request.id,
             started=started,
@@ -114,8 +199,34 @@ def build_servicer(gateway: Gateway) -> Any:
         )
         for spec, arr in result.outputs:
             response.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(arr.shape))
+        return response, [arr for _, arr in result.outputs]
+
+    def infer_response(request: Any, started: float) -> Any:
+        response, arrays = infer(request, started)
+        for arr in arrays:
             response.raw_output_contents.append(arr.tobytes())
         return response
+
+    raw_in = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+    raw_out = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+
+    def model_infer_bytes(data: bytes, context: Any) -> bytes:
+        """ModelInfer on the message's bytes (see the module docstring)."""
+        started = time.perf_counter()
+        try:
+            rest, raw = split_infer_request(data, raw_in)
+            try:
+                request = pb.ModelInferRequest.FromString(rest)
+            except Exception as exc:  # protobuf's DecodeError
+                raise InferError(f"malformed ModelInferRequest: {exc}") from None
+            response, arrays = infer(request, started, raw)
+            return encode_infer_response(response, raw_out, arrays)
+        except InferError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.status.grpc), str(exc))
+        except Exception as exc:
+            log.exception("gRPC ModelInfer failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable: context.abort raises")
 
     class Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc,name-defined]
         @rpc
@@ -187,7 +298,35 @@ def build_servicer(gateway: Gateway) -> Any:
         def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
             return pb.CudaSharedMemoryUnregisterResponse()
 
-    return Servicer()
+    servicer = Servicer()
+    servicer.model_infer_bytes = model_infer_bytes
+    return servicer
+
+
+def add_servicer(server: Any, servicer: Any) -> None:
+    """Register ``servicer`` as the generated ``add_GRPCInferenceServiceServicer_to_server`` would, with
+    ModelInfer taking and returning bytes (``servicer.model_infer_bytes``)."""
+    grpc, _, pb_grpc, _ = import_stubs()
+
+    class Collect:  # what the generated function registers, whichever grpcio API it uses
+        def __init__(self) -> None:
+            self.generic: list[Any] = []
+            self.registered: dict[str, Any] | None = None
+
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            self.generic.extend(handlers)
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            self.registered = dict(handlers)
+
+    found = Collect()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, found)
+    model_infer = grpc.unary_unary_rpc_method_handler(servicer.model_infer_bytes)  # no (de)serializer
+    override = grpc.method_handlers_generic_handler(_SERVICE, {"ModelInfer": model_infer})
+    server.add_generic_rpc_handlers((override, *found.generic))  # the first handler that knows a method wins
+    if found.registered is not None:  # registered methods are looked up before generic handlers
+        found.registered["ModelInfer"] = model_infer
+        server.add_registered_method_handlers(_SERVICE, found.registered)
 
 
 class GatewayGRPCServer:
@@ -200,7 +339,7 @@ class GatewayGRPCServer:
     """
 
     def __init__(self, address: str, gateway: Gateway, max_workers: int = 64) -> None:
-        grpc, _, pb_grpc, _ = import_stubs()
+        grpc, _, _, _ = import_stubs()
         limit = gateway.config.max_request_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gateway-grpc"),
@@ -212,7 +351,7 @@ class GatewayGRPCServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(build_servicer(gateway), self.server)
+        add_servicer(self.server, build_servicer(gateway))
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"gRPC: cannot bind {address}")

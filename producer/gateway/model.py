@@ -1,8 +1,9 @@
 """The ``trackfleet`` model as KServe v2 sees it: tensor specification, metadata, config, conversions.
 
 Nothing here does I/O. The HTTP and gRPC front ends turn their wire forms into :class:`RawInput` objects,
-:func:`decode_inputs` checks them against :data:`INPUTS` and :func:`cells_from_inputs` makes the event's
-:class:`~kernels.edm.cells.Cells` (sorted and merged exactly as ``trackfleet reconstruct`` reads them);
+:func:`decode_inputs` checks them against :data:`INPUTS`, :func:`pack_inputs` checks the values and packs
+the event for the broker (sorted and merged exactly as ``trackfleet reconstruct`` reads a cells file;
+:func:`cells_from_inputs` gives the same event as :class:`~kernels.edm.cells.Cells`);
 :func:`outputs_from_tracks` maps the tracks a worker returned to :data:`OUTPUTS`.
 
 Inputs (``max_batch_size: 0``: one request is one event; ``-1`` marks a variable dimension)
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from kernels.edm.cells import (
@@ -60,7 +62,7 @@ from kernels.edm.cells import (
     Cells,
     merge_duplicate_cells,
 )
-from kernels.edm.packed import MAX_CELLS
+from kernels.edm.packed import FORMAT_NAME, FORMAT_VERSION, MAX_CELLS, pack_event
 from kernels.edm.tracks import Tracks
 
 #: The only version of the model; KServe versions are strings of digits.
@@ -315,6 +317,47 @@ def _sorted_unique(g: np.ndarray, c1: np.ndarray, c0: np.ndarray) -> bool:
     return not np.any(same_g & (d1 == 0) & (d0 <= 0))
 
 
+def _largest(a: np.ndarray) -> tuple[int, bool]:
+    """(the largest value, whether none is negative) of a non-empty integer column, in one pass for
+    int32 / int64: read as unsigned, negative values are the largest of all."""
+    if a.dtype in (np.dtype(np.int32), np.dtype(np.int64)):
+        top = int(a.view(a.dtype.str.replace("i", "u")).max())
+        if top < 2 ** (8 * a.dtype.itemsize - 1):
+            return top, True
+    return int(a.max()), int(a.min()) >= 0
+
+
+def _check_values(tensors: Mapping[str, np.ndarray], max_cells: int) -> tuple[int, tuple[int, int]]:
+    """The checks on values every request gets.
+
+    Returns:
+        The event id, and the largest CHANNEL0 and CHANNEL1 (0 when there are no cells).
+
+    Raises:
+        InferError: too many cells, negative channels, non-finite values, an event id >= 2^63.
+    """
+    n = int(tensors["GEOMETRY_ID"].shape[0])
+    if n > max_cells:
+        raise InferError(f"{n} cells exceed the limit of {max_cells} per request", Status.TOO_LARGE)
+    largest = [0, 0]
+    for i, name in enumerate(("CHANNEL0", "CHANNEL1")):
+        c = tensors[name]
+        if n:
+            largest[i], non_negative = _largest(c)
+            if not non_negative:
+                raise InferError(f"input '{name}' holds a negative channel ({int(c.min())})")
+    for name in ("VALUE", "TIMESTAMP"):
+        v = tensors.get(name)
+        if v is not None and n and not bool(np.isfinite(v).all()):
+            raise InferError(f"input '{name}' holds values that are not finite")
+    event_id = 0
+    if "EVENT_ID" in tensors:
+        event_id = int(tensors["EVENT_ID"].reshape(-1)[0])
+        if event_id > MAX_EVENT_ID:
+            raise InferError(f"EVENT_ID {event_id} is not below 2^63")
+    return event_id, (largest[0], largest[1])
+
+
 def cells_from_inputs(
     tensors: Mapping[str, np.ndarray], detector: Any = None, max_cells: int = MAX_CELLS
 ) -> Cells:
@@ -329,24 +372,12 @@ def cells_from_inputs(
         InferError: negative channels, non-finite values, too many cells, an event id >= 2^63, cells
             that do not fit the detector.
     """
+    event_id, _ = _check_values(tensors, max_cells)
     g = tensors["GEOMETRY_ID"]
     n = int(g.shape[0])
-    if n > max_cells:
-        raise InferError(f"{n} cells exceed the limit of {max_cells} per request", Status.TOO_LARGE)
     c0, c1 = tensors["CHANNEL0"], tensors["CHANNEL1"]
-    for name, c in (("CHANNEL0", c0), ("CHANNEL1", c1)):
-        if n and int(c.min()) < 0:
-            raise InferError(f"input '{name}' holds a negative channel ({int(c.min())})")
     value = tensors["VALUE"]
     ts = tensors.get("TIMESTAMP")
-    for name, v in (("VALUE", value), ("TIMESTAMP", ts)):
-        if v is not None and n and not bool(np.isfinite(v).all()):
-            raise InferError(f"input '{name}' holds values that are not finite")
-    event_id = 0
-    if "EVENT_ID" in tensors:
-        event_id = int(tensors["EVENT_ID"].reshape(-1)[0])
-        if event_id > MAX_EVENT_ID:
-            raise InferError(f"EVENT_ID {event_id} is not below 2^63")
     truth = tensors.get("TRUTH_ID")
     cells = Cells(
         geometry_id=g.astype(GEOMETRY_DTYPE, copy=False),
@@ -362,6 +393,140 @@ def cells_from_inputs(
     if detector is not None and n:
         _check_detector(detector, cells.geometry_id, cells.channel0, cells.channel1)
     return cells
+
+
+@dataclass(frozen=True)
+class PackedRequest:
+    """One request's event as the broker takes it: the packed event of :mod:`kernels.edm.packed`.
+
+    Attributes:
+        event_id: the event number. n_cells: cells after merging duplicates.
+        header: the packed event's msgpack header. buffers: its columns (views of the request where the
+            wire dtype is the request's, so the event reaches the broker without copying them).
+    """
+
+    event_id: int
+    n_cells: int
+    header: bytes
+    buffers: tuple[np.ndarray, ...]
+
+    @property
+    def frames(self) -> tuple[Any, ...]:
+        return (self.header, *self.buffers)
+
+
+_U16_MAX = 2**16 - 1
+_U32_MAX = 2**32 - 1
+
+
+def pack_inputs(
+    tensors: Mapping[str, np.ndarray], detector: Any = None, fingerprint: str = "", max_cells: int = MAX_CELLS
+) -> PackedRequest:
+    """Check a request's values and pack its event: the same bytes as
+    ``pack_event(cells_from_inputs(tensors, detector, max_cells), fingerprint)``, in about half the time.
+
+    Cells that come sorted and duplicate-free (perf_analyzer's data, a producer's events) are checked and
+    packed in a few vectorized passes over each column, using the module boundaries once for the order
+    check, the run-length encoding and the detector check; channels and truth ids are narrowed only
+    where the packed format narrows them, and VALUE / TIMESTAMP travel as views of the request. Any other
+    order takes :func:`cells_from_inputs` (sort and merge) and :func:`~kernels.edm.packed.pack_event`.
+
+    Args:
+        tensors: checked inputs (:func:`decode_inputs`).
+        detector: when given, geometry ids must be sensitive modules and channels inside their segmentation.
+        fingerprint: the detector's fingerprint, stamped on the event ("" for none).
+        max_cells: cells accepted in one request.
+
+    Raises:
+        InferError: as :func:`cells_from_inputs`.
+    """
+    event_id, largest = _check_values(tensors, max_cells)
+    g = tensors["GEOMETRY_ID"]
+    n = int(g.shape[0])
+    c0, c1 = tensors["CHANNEL0"], tensors["CHANNEL1"]
+    sorted_run = _sorted_runs(g, c0, c1, largest) if n >= 2 else None
+    if sorted_run is None:  # unsorted, duplicates, or too small to matter: the reader's own path
+        cells = cells_from_inputs(tensors, detector, max_cells)
+        header, buffers = pack_event(cells, fingerprint)
+        return PackedRequest(cells.event_id, cells.size, header, tuple(buffers))
+    starts, ch0, ch1 = sorted_run
+    module_ids = g[starts]
+    if detector is not None:
+        _check_detector_sorted(detector, g, c0, c1, starts, module_ids)
+    counts = np.empty(starts.shape[0], "<u4")
+    np.subtract(np.r_[starts[1:], n], starts, out=counts, casting="unsafe")
+    ts = tensors.get("TIMESTAMP")
+    cols: dict[str, np.ndarray] = {
+        "module_ids": np.ascontiguousarray(module_ids, "<u8"),
+        "module_counts": counts,
+        "channel0": ch0,
+        "channel1": ch1,
+        "activation": np.ascontiguousarray(tensors["VALUE"], "<f4"),
+        "time": np.ascontiguousarray(ts, "<f4") if ts is not None else np.zeros(n, "<f4"),
+    }
+    truth = tensors.get("TRUTH_ID")
+    if truth is not None:
+        top, non_negative = _largest(truth)
+        fits = non_negative and top <= _U32_MAX
+        cols["measurement_id"] = truth.astype("<u4") if fits else np.ascontiguousarray(truth, "<i8")
+    header = {  # as kernels.edm.packed.pack_event writes it (tests compare the bytes)
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "event_id": event_id,
+        "n_cells": n,
+        "detector": fingerprint,
+        "columns": [[name, a.dtype.str, int(a.shape[0])] for name, a in cols.items()],
+    }
+    return PackedRequest(event_id, n, msgpack.packb(header), tuple(cols.values()))
+
+
+def _narrow_channel(c: np.ndarray, largest: int) -> np.ndarray:
+    """The packed column of one channel: uint16 when every channel fits (they are >= 0), else int32."""
+    return c.astype("<u2") if largest <= _U16_MAX else np.ascontiguousarray(c, "<i4")
+
+
+def _sorted_runs(
+    g: np.ndarray, c0: np.ndarray, c1: np.ndarray, largest: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """For cells strictly increasing in (geometry_id, channel1, channel0) and at least two of them: the
+    first cell of each module and the packed channel columns. None for any other order (or duplicates).
+
+    Channels are non-negative (checked before; ``largest`` are their maxima): within a module the order
+    is that of the key ``channel1 << b | channel0``, with ``b`` the packed channel width (16, or 32 when
+    a channel is wider).
+    """
+    new_module = g[1:] != g[:-1]
+    starts = np.flatnonzero(new_module)
+    starts += 1
+    starts = np.r_[np.zeros(1, starts.dtype), starts]
+    module_ids = g[starts]
+    if not bool((module_ids[1:] > module_ids[:-1]).all()):
+        return None
+    top0, top1 = largest if largest is not None else (int(c0.max()), int(c1.max()))
+    ch0, ch1 = _narrow_channel(c0, top0), _narrow_channel(c1, top1)
+    # same-dtype integer ufuncs: numpy's mixed-dtype loops would cast through buffers, at half the speed
+    kind, shift = (np.uint32, 16) if max(top0, top1) <= _U16_MAX else (np.uint64, 32)
+    key = ch1.astype(kind)
+    np.left_shift(key, kind(shift), out=key)
+    key |= ch0.astype(kind)
+    rising = key[1:] > key[:-1]
+    rising |= new_module
+    if not bool(rising.all()):
+        return None
+    return starts, ch0, ch1
+
+
+def _check_detector_sorted(
+    detector: Any, g: np.ndarray, c0: np.ndarray, c1: np.ndarray, starts: np.ndarray, module_ids: np.ndarray
+) -> None:
+    """:func:`_check_detector` for sorted cells: one bound check per module (its largest channels)."""
+    module = np.asarray(detector.module_index(np, module_ids))
+    bins = np.asarray(detector.seg_bins)[np.maximum(module, 0)]
+    ends = np.r_[starts[1:], g.shape[0]] - 1
+    # within a module cells rise in channel1 first: its last cell holds the largest channel1
+    too_far = (module < 0) | (np.maximum.reduceat(c0, starts) >= bins[:, 0]) | (c1[ends] >= bins[:, 1])
+    if bool(too_far.any()):
+        _check_detector(detector, g, c0, c1)  # finds the first offending cell and says which
 
 
 def _check_detector(detector: Any, g: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> None:

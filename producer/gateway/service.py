@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 
 from broker.protocol import ErrorCode
-from kernels.edm.packed import MAX_CELLS, pack_event
+from kernels.edm.packed import MAX_CELLS
 from kernels.edm.packed_tracks import unpack_tracks
 from kernels.errors import EventFormatError
 from producer.client import ClientConfig
@@ -29,11 +29,11 @@ from producer.gateway.model import (
     RawInput,
     Status,
     TensorSpec,
-    cells_from_inputs,
     decode_inputs,
     model_config,
     model_metadata,
     outputs_from_tracks,
+    pack_inputs,
 )
 from producer.gateway.stats import ModelStats, RequestTimes
 
@@ -216,10 +216,9 @@ class Gateway:
         self, inputs: Sequence[RawInput], requested: Sequence[str] | None, t0: float
     ) -> tuple[list[tuple[TensorSpec, np.ndarray]], RequestTimes]:
         tensors = decode_inputs(inputs)
-        cells = cells_from_inputs(tensors, self.detector, self.config.max_cells)
-        header, buffers = pack_event(cells, self.fingerprint)
+        event = pack_inputs(tensors, self.detector, self.fingerprint, self.config.max_cells)
         t_submit = time.perf_counter()
-        future = self.bridge.submit(cells.event_id, (header, *buffers))
+        future = self.bridge.submit(event.event_id, event.frames)
         try:
             # the bridge's client fails the event with "timeout" at request_timeout_s; this is a backstop
             reply = future.result(timeout=self.config.request_timeout_s + 30.0)
