@@ -5,7 +5,7 @@ One fleet (a broker and ``--workers`` workers, CuPy on GPU 0 by default) serves 
 1. **direct**: closed loops of N events in flight straight into the broker, for every N in
    ``--concurrency``: ``trackfleet perf --broker`` when that subcommand exists, else the producer client
    (a window of ``--window-s`` after a ramp; throughput = events completed in the window / its length);
-2. **gateway**: Triton's perf_analyzer over gRPC against ``trackfleet gateway`` on the same broker, one
+2. **gateway**: Triton's perf_analyzer over gRPC (or HTTP, ``--protocol``) against ``trackfleet gateway`` on the same broker, one
    run per N (``--concurrency-range N:N``), fed the same events (``--input-data``, made by
    ``trackfleet gateway --export-perf-data``), with ``--collect-metrics`` from the gateway's metrics port.
 
@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ready-timeout-s", type=float, default=300.0, help="worker start-up limit [s]")
     p.add_argument("--ports", default="8000,8001,8002", help="gateway HTTP, gRPC, metrics ports")
+    p.add_argument(
+        "--protocol",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="perf_analyzer's protocol (default %(default)s)",
+    )
     p.add_argument(
         "--direct",
         choices=("auto", "perf", "client"),
@@ -255,9 +261,9 @@ def perf_analyzer(
         "-m",
         "trackfleet",
         "-u",
-        f"127.0.0.1:{ports['grpc']}",
+        f"127.0.0.1:{ports[args.protocol]}",
         "-i",
-        "grpc",
+        args.protocol,
         "--concurrency-range",
         f"{c}:{c}",
         "--input-data",
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_args = ["--backend", args.backend, "--batch", str(args.batch)]
     fleet = LocalFleet(run / "fleet", worker_args=worker_args, detector=args.input)
     gateway = None
-    summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "protocol": args.protocol}
     try:
         fleet.start_broker()
         fleet.start_workers(args.workers)
@@ -421,7 +427,7 @@ def compare(direct: list[dict[str, Any]], pa_rows: list[dict[str, str]]) -> dict
 
 def markdown(s: dict[str, Any]) -> str:
     lines = [
-        "# Gateway cost: perf_analyzer (gRPC, through the gateway) vs the fleet directly",
+        f"# Gateway cost: perf_analyzer ({s.get('protocol', 'grpc')}, through the gateway) vs the fleet directly",
         "",
         f"direct measurement: {s.get('direct_method')}; saturated throughput direct {s.get('saturated_direct_eps')} "
         f"events/s, gateway {s.get('saturated_gateway_eps')} events/s, cost {s.get('saturated_cost')} "
