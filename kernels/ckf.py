@@ -38,7 +38,7 @@ from kernels.navigation import NavigationGrid, modules_near, next_layer
 from kernels.profiling import section
 from kernels.propagation import NEWTON_STEPS, bound_to_global, helix_at, intersect_plane, transport, turn_rate
 from kernels.segments import expand_ranges, rank_in_segment
-from kernels.xp import Array, asarray, to_numpy
+from kernels.xp import Array, argsort_stable, asarray, to_numpy
 
 # x/X0 crossed per layer at normal incidence in the ACTS generic detector, by volume: the value for
 # which Highland's formula reproduces the simulated polar-angle scattering between consecutive hits
@@ -280,7 +280,9 @@ def _merge_duplicates(xp: ModuleType, state: Candidates, n_meas_total: int) -> C
     key = (state.event * (n_meas_total + 1) + state.m1) * (n_meas_total + 1) + state.m2
     n_meas = state.n_meas
     quality = state.chi2 / xp.maximum(n_meas, 1) - 3.0 * n_meas
-    order = xp.lexsort(xp.stack([quality, key.astype(xp.float64)]))
+    # lexsort by (key, quality) as two stable radix sorts, least significant key first
+    order = argsort_stable(xp, quality)
+    order = order[argsort_stable(xp, key[order])]
     first = rank_in_segment(xp, key[order]) == 0
     keep = xp.sort(order[first])
     return state.take(keep)
@@ -289,7 +291,11 @@ def _merge_duplicates(xp: ModuleType, state: Candidates, n_meas_total: int) -> C
 def _cap_per_seed(xp: ModuleType, state: Candidates, max_per_seed: int) -> Candidates:
     """At most ``max_per_seed`` live candidates per seed: most measurements, then lowest chi^2."""
     seed = state.seed
-    order = xp.lexsort(xp.stack([state.chi2, -state.n_meas.astype(xp.float64), seed.astype(xp.float64)]))
+    # lexsort by (seed, -n_meas, chi2) as two stable radix sorts: chi2, then seed and n_meas in one key
+    # (n_meas < 1024: 3 seed measurements plus at most two per layer step)
+    order = argsort_stable(xp, state.chi2)
+    major = seed * 1024 + (1023 - xp.minimum(state.n_meas, 1023))
+    order = order[argsort_stable(xp, major[order])]
     keep = order[rank_in_segment(xp, seed[order]) < max_per_seed]
     return state.take(keep)
 
@@ -611,18 +617,21 @@ def _collect(
     offsets = xp.zeros(length.shape[0] + 1, dtype=xp.int64)
     offsets[1:] = xp.cumsum(length)
     total = int(offsets[-1])
-    out = xp.zeros(total, dtype=xp.int64)
-    cur = fin.node.copy()
-    pos = offsets[1:] - 1
-    # walk the links back from the last state; lengths are bounded by 3 + max_steps
-    for _ in range(3 + cfg.max_steps):
-        live = cur >= 0
-        if not bool(live.any()):
-            break
-        idx = xp.nonzero(live)[0]
-        out[pos[idx]] = node_meas[cur[idx]]
-        pos = pos - 1
-        cur = xp.where(live, parent[xp.maximum(cur, 0)], -1)
+    if fused.enabled(xp):
+        out = fused.collect_measurements(xp, parent, node_meas, fin.node, offsets, total)
+    else:
+        out = xp.zeros(total, dtype=xp.int64)
+        cur = fin.node.copy()
+        pos = offsets[1:] - 1
+        # walk the links back from the last state; lengths are bounded by 3 + 2 max_steps (overlaps)
+        for _ in range(3 + 2 * cfg.max_steps):
+            live = cur >= 0
+            if not bool(live.any()):
+                break
+            idx = xp.nonzero(live)[0]
+            out[pos[idx]] = node_meas[cur[idx]]
+            pos = pos - 1
+            cur = xp.where(live, parent[xp.maximum(cur, 0)], -1)
     c = xp.ascontiguousarray
     return TrackCandidates(
         offsets=offsets,

@@ -445,6 +445,20 @@ extern "C" __global__ void step_rows(
     keep_lone[i] = lone && !(li[5] > max_holes);
 }
 
+// one thread per finished candidate: its measurements, from its last node back along the links,
+// written from the end of its range [offsets[i], offsets[i + 1])
+extern "C" __global__ void collect_measurements(
+    const long long* parent, const long long* node_meas, const long long* last_node, const long long* offsets,
+    int n, long long* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long cur = last_node[i], pos = offsets[i + 1] - 1;
+    while (cur >= 0 && pos >= offsets[i]) {
+        out[pos--] = node_meas[cur];
+        cur = parent[cur];
+    }
+}
+
 extern "C" __global__ void chi2_only(
     const double* params, const double* cov, const long long* row, const double* m0, const double* m1,
     const double* v0, const double* v1, const signed char* dim, const long long* meas, int n, double* out) {
@@ -637,6 +651,20 @@ def step_rows(
         ),
     )
     _launch("step_rows", n, args)
+    return out
+
+
+def collect_measurements(
+    xp: ModuleType, parent: Array, node_meas: Array, last_node: Array, offsets: Array, total: int
+) -> Array:
+    """Measurements of every candidate in CSR order (``offsets``, ``total`` of them), walking the node
+    links back."""
+    n = int(last_node.shape[0])
+    out = xp.zeros(total, dtype=xp.int64)
+    c = xp.ascontiguousarray
+    args = (c(parent, dtype=xp.int64), c(node_meas, dtype=xp.int64), c(last_node, dtype=xp.int64),
+            c(offsets, dtype=xp.int64), xp.int32(n), out)  # fmt: skip
+    _launch("collect_measurements", n, args)
     return out
 
 

@@ -119,6 +119,14 @@ def scatter_max(xp: ModuleType, out: Array, index: Array, values: Any) -> None:
         importlib.import_module("cupyx").scatter_max(out, index, values)
 
 
+def argsort_stable(xp: ModuleType, a: Array) -> Array:
+    """Stable argsort of a 1-D array. On the GPU a radix sort: chaining these from the least to the
+    most significant key gives ``lexsort``'s order, which CuPy computes with a comparison sort."""
+    if xp is np:
+        return np.argsort(a, kind="stable")
+    return xp.argsort(a)
+
+
 def repeat_index(xp: ModuleType, counts: Array) -> Array:
     """``repeat(arange(len(counts)), counts)`` (int64); CuPy's repeat takes no array of counts."""
     counts = counts.astype(xp.int64)
