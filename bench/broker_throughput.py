@@ -10,7 +10,7 @@ Reported: event payload forwarded per second through the broker (GB/s, 1 GB = 1e
 the broker's CPU use. Every process shares the machine: on a 2-core box the producer and the workers
 compete with the broker for CPU, so this is a lower bound for the broker itself.
 
-    python bench/broker_throughput.py [--size-mb 4 0.6] [--duration-s 5] [--workers 2] [--json FILE]
+    python bench/broker_throughput.py [--size-mb 4 0.6] [--io-threads 1 2] [--repeat 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_one(size_mb: float, workers: int, capacity: int, window: int, duration_s: float) -> dict[str, Any]:
+def run_one(
+    size_mb: float, workers: int, capacity: int, window: int, duration_s: float, io_threads: int = 2
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ep_file = Path(tmp) / "ep.json"
         broker = subprocess.Popen(
@@ -137,6 +139,8 @@ def run_one(size_mb: float, workers: int, capacity: int, window: int, duration_s
                 str(4 * window),
                 "--log-level",
                 "WARNING",
+                "--io-threads",
+                str(io_threads),
             ],
             cwd=ROOT,
         )
@@ -168,6 +172,7 @@ def run_one(size_mb: float, workers: int, capacity: int, window: int, duration_s
             broker.wait(10)
     return {
         "size_mb": size_mb,
+        "io_threads": io_threads,
         "workers": workers,
         "window": window,
         "events": events,
@@ -184,13 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity", type=int, default=4, help="credit per fake worker")
     p.add_argument("--window", type=int, default=16, help="events in flight at the producer")
     p.add_argument("--duration-s", type=float, default=5.0, help="measured time per size (after 1 s warm-up)")
+    p.add_argument(
+        "--io-threads",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="broker ZeroMQ I/O threads to compare (default 2)",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="runs per variant, interleaved (report each)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    rows = [run_one(s, args.workers, args.capacity, args.window, args.duration_s) for s in args.size_mb]
-    sys.stdout.write(f"{'payload MiB':>12} {'events/s':>10} {'GB/s':>8} {'broker CPU':>11}\n")
+    rows = [
+        run_one(s, args.workers, args.capacity, args.window, args.duration_s, t)
+        for _ in range(args.repeat)
+        for s in args.size_mb
+        for t in args.io_threads
+    ]
+    sys.stdout.write(
+        f"{'payload MiB':>12} {'io threads':>10} {'events/s':>10} {'GB/s':>8} {'broker CPU':>11}\n"
+    )
     for r in rows:
         sys.stdout.write(
-            f"{r['size_mb']:>12.4g} {r['events_per_s']:>10.1f} {r['gb_per_s']:>8.3f} {r['broker_cpu_cores']:>11.2f}\n"
+            f"{r['size_mb']:>12.4g} {r['io_threads']:>10} {r['events_per_s']:>10.1f} {r['gb_per_s']:>8.3f}"
+            f" {r['broker_cpu_cores']:>11.2f}\n"
         )
     result = {"benchmark": "broker_throughput", "cpus": os.cpu_count(), "results": rows}
     sys.stdout.write(json.dumps(result) + "\n")

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-authorized", type=Path, help="directory of authorized client public keys")
     p.add_argument("--endpoints-file", type=Path, help="write the bound endpoints here as JSON")
     p.add_argument(
+        "--io-threads", type=int, default=d.io_threads, help="ZeroMQ I/O threads (default %(default)s)"
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         help="serve Prometheus metrics on this port (0: any free port; default off)",
@@ -91,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         curve_secret_file=args.curve_secret,
         curve_authorized_dir=args.curve_authorized,
         endpoints_file=args.endpoints_file,
+        io_threads=args.io_threads,
     )
 
 

@@ -45,6 +45,9 @@ class BrokerConfig:
         curve_authorized_dir: directory of public-key files of authorized clients and workers; without it,
             any CURVE client is accepted (encryption only).
         endpoints_file: where to write the bound endpoints as JSON (useful with ``tcp://127.0.0.1:0``).
+        io_threads: ZeroMQ I/O threads of the broker's context (2): they move the event bytes between
+            the kernel's sockets and the broker's queues; with one, a few hundred MB-sized events per
+            second fill a core.
     """
 
     frontend: str = "tcp://127.0.0.1:5555"
@@ -68,6 +71,7 @@ class BrokerConfig:
     curve_secret_file: Path | None = None
     curve_authorized_dir: Path | None = None
     endpoints_file: Path | None = None
+    io_threads: int = 2
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -77,6 +81,8 @@ class BrokerConfig:
         for name in ("max_queue_events", "max_queue_bytes", "max_event_bytes", "max_frames", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.io_threads <= 16:
+            raise ConfigError(f"io_threads must be in 1..16, got {self.io_threads}")
         if self.heartbeat_liveness < 1:
             raise ConfigError("heartbeat_liveness must be >= 1")
         for name in ("heartbeat_interval_s", "job_timeout_s", "client_expiry_s"):

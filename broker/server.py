@@ -62,6 +62,27 @@ _BATCH = 256
 _LINGER_MS = 500
 
 
+# plain ints: combining pyzmq's flag enums costs more than the send itself for small frames
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+
+
+def _recv_frames(sock: zmq.Socket[bytes]) -> list[zmq.Frame]:
+    """One whole multipart message without waiting (``zmq.Again`` when none is there); the parts of a
+    message arrive together, so only the first can be missing."""
+    frames = [sock.recv(_NOBLOCK, copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(_NOBLOCK, copy=False))
+    return frames
+
+
+def _send_frames(sock: zmq.Socket[bytes], frames: list[Any]) -> None:
+    """``send_multipart(frames, NOBLOCK, copy=False)`` with int flags."""
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        sock.send(f, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, copy=False)
+
+
 class RateLimitedLog:
     """Log a warning per key at most once per ``interval_s``, counting what was suppressed.
 
@@ -126,7 +147,7 @@ class BrokerServer:
         self.observers = observers if observers is not None else ObserverSet()
         self.state = BrokerState(config, clock(), self.observers)
         self._own_context = context is None
-        self.context = context if context is not None else zmq.Context()
+        self.context = context if context is not None else zmq.Context(io_threads=config.io_threads)
         self.frontend: zmq.Socket[bytes] | None = None
         self.backend: zmq.Socket[bytes] | None = None
         self.endpoints: dict[str, str] = {}
@@ -266,7 +287,7 @@ class BrokerServer:
             if sock is self.frontend and self.config.when_full == "block" and not self.state.accepting:
                 return  # leave the rest in ZeroMQ's buffers: that is the back-pressure
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = _recv_frames(sock)
             except zmq.Again:
                 return
             try:
@@ -316,7 +337,7 @@ class BrokerServer:
         for a in actions:
             sock = back if isinstance(a, ToWorker) else front
             try:
-                sock.send_multipart([a.identity, *encode(a.message)], zmq.NOBLOCK, copy=False)
+                _send_frames(sock, [a.identity, *encode(a.message)])
             except zmq.ZMQError as exc:
                 unreachable = exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN)
                 if isinstance(a, ToWorker) and unreachable and depth < 2:
