@@ -22,7 +22,7 @@ import numpy as np
 
 from kernels.edm.cells import CHANNEL_DTYPE, GEOMETRY_DTYPE, TRUTH_DTYPE, VALUE_DTYPE, Cells
 from kernels.errors import EventFormatError
-from kernels.xp import asarray, to_numpy
+from kernels.xp import asarray, repeat_index, to_numpy
 
 FORMAT_NAME = "trackfleet.event"
 FORMAT_VERSION = 1
@@ -72,8 +72,9 @@ class PackedEvent:
     def to_cells(self, xp: ModuleType = np) -> Cells:
         """Materialize as :class:`Cells` in namespace ``xp``; small buffers go to the device first."""
         c = self.columns
-        counts = asarray(xp, c["module_counts"]).astype(xp.int64)
-        geometry_id = xp.repeat(asarray(xp, c["module_ids"]), counts)
+        # module id of every cell from the run lengths, on the device: CuPy's repeat with per-element
+        # counts is not a single kernel
+        geometry_id = asarray(xp, c["module_ids"])[repeat_index(xp, asarray(xp, c["module_counts"]))]
         mid = c.get("measurement_id")
         return Cells(
             geometry_id=geometry_id.astype(GEOMETRY_DTYPE, copy=False),
