@@ -103,6 +103,29 @@ def test_config_under_mps_starts_the_daemon_first_and_workers_pick_devices_by_po
         FleetSpec(run_dir=tmp_path, cpu_workers=1, detector=BUNDLED, mps=True)
 
 
+def test_up_mps_without_the_mps_binary_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control here
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "up",
+            "--gpus",
+            "0",
+            "--mps",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2 and "nvidia-cuda-mps-control is not on PATH" in out.stderr
+    assert not (tmp_path / "run" / "supervisord.conf").exists()
+
+
 @pytest.mark.timeout(90)
 def test_up_kill_9_worker_supervisord_restarts_it_no_event_lost(tmp_path, monkeypatch):
     from producer.io.detector import load_detector
