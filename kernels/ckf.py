@@ -254,6 +254,7 @@ def find_tracks(
         m1=seed_meas[2][keep],
         m2=seed_meas[1][keep],
     )
+    del p, c, chi2, alive, node, module, keep  # in the state now; the step's peak memory counts
     finished: list[Candidates] = []
     ctx = _Context(xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield)
 
@@ -527,10 +528,15 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
     children = Candidates(rows["c_real"], rows["c_index"]).take(child_rows)
     index = children.index
     index[:, NODE] = nodes.add(index[:, NODE], index[:, M1])
+    lone = lone_table.take(picked[b2:b3] - (2 * n + n * k_max))
+    child_layer = res["layer"][child_rows // k_max]
+    # the step's tables are done with: free them before the overlap search allocates its own (the
+    # memory pool keeps the peak of a batch, and this was it)
+    del res, rows, flags, ends, where, picked, lone_table, child_rows
     if b2 > b1:
         with section("finding.overlap_search"):
             ov = fused.layer_search(
-                xp, det, geo, geo.nav, children.real, children.index, res["layer"][child_rows // k_max], 1,
+                xp, det, geo, geo.nav, children.real, children.index, child_layer, 1,
                 ctx.mkey, meas, mv0, mv1, cfg, 1, NEWTON_STEPS,
             )  # fmt: skip
         hit = xp.nonzero(ov["n_found"] > 0)[0]
@@ -547,7 +553,6 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
                 meas.dimension[omi],
             )
             _extend(children, hit, o_p, o_c, o_chi, ov["module"][hit], omi, nodes)
-    lone = lone_table.take(picked[b2:b3] - (2 * n + n * k_max))
     return done, Candidates.concat(xp, [children, lone])
 
 

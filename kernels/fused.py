@@ -287,7 +287,8 @@ extern "C" __global__ void layer_search(
         C[12] += th0 * th0 / (sin_t * sin_t);
         C[18] += th0 * th0;
     }
-    for (int k = 0; k < 25; ++k) o_scat_cov[25 * (long)i + k] = C[k];
+    if (mode == 0)  // the overlap search (mode 1) has no use for it
+        for (int k = 0; k < 25; ++k) o_scat_cov[25 * (long)i + k] = C[k];
     long long layer;
     double s_layer, lx, ly, lz;
     int exclude_module = -1;
@@ -759,9 +760,10 @@ def layer_search(
         "cov": xp.empty((n * max_b, 5, 5), f64),
         "crossed": xp.empty(n, xp.bool_),
         "near_module": xp.empty(n, i32),
-        "near_params": xp.zeros((n, 5), f64),
-        "near_cov": xp.zeros((n, 5, 5), f64),
-        "scat_cov": xp.empty((n, 5, 5), f64),
+        # written in mode 0 only: the overlap search gets one-row placeholders
+        "near_params": xp.zeros((n if mode == 0 else 1, 5), f64),
+        "near_cov": xp.zeros((n if mode == 0 else 1, 5, 5), f64),
+        "scat_cov": xp.empty((n if mode == 0 else 1, 5, 5), f64),
     }
     c = xp.ascontiguousarray
     geometry = _geometry_args(xp, det, geo, nav)

@@ -382,6 +382,38 @@ def find_seeds(
         xp.int32(geo.n_layers),
     )
     n_layers = geo.n_layers
+    # middles in blocks of at most max_candidates_per_chunk (middle, layer) windows: the windows and
+    # work items of a whole mu=200 batch would otherwise hold ~1 GB at once
+    block = max(1, cfg.max_candidates_per_chunk // max(n_layers, 1))
+    parts = []
+    for b0 in range(0, n_mid, block):
+        parts += _middle_block(
+            xp, grid_args, xp.ascontiguousarray(mids[b0 : b0 + block]), layers, n_layers, n_phi, cfgv, cfg,
+            x, y, z, r, phi, var_r, var_z,
+        )  # fmt: skip
+    if not parts:
+        return Seeds(
+            *(xp.zeros(0, dtype=xp.int32) for _ in range(3)), xp.zeros(0), xp.zeros(0), xp.zeros(0, xp.int32)
+        )
+    b_sp, m_sp, t_sp, w, z0 = (xp.concatenate([p[k] for p in parts]) for k in range(5))
+    order_s = xp.lexsort(xp.stack([-w, m_sp.astype(f64), sp.event[m_sp].astype(f64)]))
+    return Seeds(
+        bottom=b_sp[order_s].astype(xp.int32),
+        middle=m_sp[order_s].astype(xp.int32),
+        top=t_sp[order_s].astype(xp.int32),
+        weight=w[order_s],
+        z_vertex=z0[order_s],
+        event=sp.event[m_sp[order_s]].astype(xp.int32),
+    )
+
+
+def _middle_block(
+    xp: ModuleType, grid_args: tuple, mids: Array, layers: tuple, n_layers: int, n_phi: int, cfgv: Array,
+    cfg: Any, x: Array, y: Array, z: Array, r: Array, phi: Array, var_r: Array, var_z: Array,
+) -> list[tuple]:  # fmt: skip
+    """Seed parts (see :func:`_chunk`) of the middles ``mids``."""
+    f64 = xp.float64
+    n_mid = int(mids.shape[0])
     n_ml = n_mid * n_layers
     d_i, d_l, d_d = xp.zeros(1, xp.int32), xp.zeros(1, xp.int64), xp.zeros(1, f64)
     # per side: windows of every (middle, layer), then one work item per (middle, layer, phi bin) so
@@ -472,7 +504,7 @@ def find_seeds(
         bounds += [int(c) for c in cuts.tolist()]
     bounds.append(n_mid)
     mid_off_host = [side["mid_item_off"][xp.asarray(bounds)].tolist() for side in sides]
-    parts = []
+    parts: list[tuple] = []
     for c, (lo_m, hi_m) in enumerate(itertools.pairwise(bounds)):
         if hi_m <= lo_m:
             continue
@@ -495,20 +527,7 @@ def find_seeds(
         )
         if part is not None:
             parts.append(part)
-    if not parts:
-        return Seeds(
-            *(xp.zeros(0, dtype=xp.int32) for _ in range(3)), xp.zeros(0), xp.zeros(0), xp.zeros(0, xp.int32)
-        )
-    b_sp, m_sp, t_sp, w, z0 = (xp.concatenate([p[k] for p in parts]) for k in range(5))
-    order_s = xp.lexsort(xp.stack([-w, m_sp.astype(f64), sp.event[m_sp].astype(f64)]))
-    return Seeds(
-        bottom=b_sp[order_s].astype(xp.int32),
-        middle=m_sp[order_s].astype(xp.int32),
-        top=t_sp[order_s].astype(xp.int32),
-        weight=w[order_s],
-        z_vertex=z0[order_s],
-        event=sp.event[m_sp[order_s]].astype(xp.int32),
-    )
+    return parts
 
 
 def _chunk(
