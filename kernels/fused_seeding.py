@@ -391,20 +391,7 @@ def find_seeds(
             xp, grid_args, xp.ascontiguousarray(mids[b0 : b0 + block]), layers, n_layers, n_phi, cfgv, cfg,
             x, y, z, r, phi, var_r, var_z,
         )  # fmt: skip
-    if not parts:
-        return Seeds(
-            *(xp.zeros(0, dtype=xp.int32) for _ in range(3)), xp.zeros(0), xp.zeros(0), xp.zeros(0, xp.int32)
-        )
-    b_sp, m_sp, t_sp, w, z0 = (xp.concatenate([p[k] for p in parts]) for k in range(5))
-    order_s = xp.lexsort(xp.stack([-w, m_sp.astype(f64), sp.event[m_sp].astype(f64)]))
-    return Seeds(
-        bottom=b_sp[order_s].astype(xp.int32),
-        middle=m_sp[order_s].astype(xp.int32),
-        top=t_sp[order_s].astype(xp.int32),
-        weight=w[order_s],
-        z_vertex=z0[order_s],
-        event=sp.event[m_sp[order_s]].astype(xp.int32),
-    )
+    return Seeds.from_parts(xp, sp.event, parts)
 
 
 def _middle_block(

@@ -451,11 +451,8 @@ def find_seeds(
     bfield = cfg.bfield_t if cfg.bfield_t is not None else bfield_t
     two_r_min = 2.0 * cfg.min_pt_gev / (PT_PER_TESLA_MM * bfield)
     sel = xp.nonzero((sp.r >= cfg.r_min_mm) & (sp.r <= cfg.r_max_mm) & (xp.abs(sp.z) <= cfg.z_max_mm))[0]
-    empty = Seeds(
-        *(xp.zeros(0, dtype=xp.int32) for _ in range(3)), xp.zeros(0), xp.zeros(0), xp.zeros(0, xp.int32)
-    )
     if sel.shape[0] < 3:
-        return empty
+        return Seeds.from_parts(xp, sp.event, [])
     n_phi = max(1, round(2 * math.pi / cfg.phi_bin_width_rad))
     with section("seeding.grid"):
         grid = _grid(xp, sp, geo, sel, n_phi)
@@ -515,16 +512,4 @@ def find_seeds(
         )
         k = xp.nonzero(keep)[0]
         parts.append((bot.other[b_idx[k]], mid[m_row[k]], top.other[t_idx[k]], weight[k], bot.z0[b_idx[k]]))
-    if not parts:
-        return empty
-    bottom, middle, top_, weight, z0 = (xp.concatenate([p[i] for p in parts]) for i in range(5))
-    # deterministic order: by event, middle, weight
-    order = xp.lexsort(xp.stack([-weight, middle.astype(xp.float64), sp.event[middle].astype(xp.float64)]))
-    return Seeds(
-        bottom=bottom[order].astype(xp.int32),
-        middle=middle[order].astype(xp.int32),
-        top=top_[order].astype(xp.int32),
-        weight=weight[order],
-        z_vertex=z0[order],
-        event=sp.event[middle[order]].astype(xp.int32),
-    )
+    return Seeds.from_parts(xp, sp.event, parts)

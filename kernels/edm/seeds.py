@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 from kernels.xp import Array
 
@@ -28,6 +29,25 @@ class Seeds:
     @property
     def size(self) -> int:
         return int(self.bottom.shape[0])
+
+    @classmethod
+    def from_parts(cls, xp: ModuleType, event_of_spacepoint: Array, parts: list[tuple]) -> Seeds:
+        """Seeds from chunks of (bottom, middle, top, weight, z_vertex) columns, in a deterministic
+        order: by event, middle spacepoint, then decreasing weight."""
+        if not parts:
+            empty = xp.zeros(0, dtype=xp.int32)
+            return cls(empty, empty, empty, xp.zeros(0), xp.zeros(0), empty)
+        bottom, middle, top, weight, z0 = (xp.concatenate([p[i] for p in parts]) for i in range(5))
+        event = event_of_spacepoint[middle]
+        order = xp.lexsort(xp.stack([-weight, middle.astype(xp.float64), event.astype(xp.float64)]))
+        return cls(
+            bottom=bottom[order].astype(xp.int32),
+            middle=middle[order].astype(xp.int32),
+            top=top[order].astype(xp.int32),
+            weight=weight[order],
+            z_vertex=z0[order],
+            event=event[order].astype(xp.int32),
+        )
 
 
 @dataclass(frozen=True)
