@@ -49,7 +49,9 @@ class SeedingConfig:
         min_pt_gev: smallest transverse momentum a seed may have [GeV] (0.5).
         r_min_mm, r_max_mm: radial range of spacepoints used for seeding [mm] (0, 200: the pixels).
         z_max_mm: |z| limit of spacepoints used [mm] (2000).
-        delta_r_min_mm, delta_r_max_mm: radial distance between consecutive seed spacepoints [mm] (5, 270).
+        delta_r_min_mm, delta_r_max_mm: radial distance between consecutive seed spacepoints [mm] (5, 90:
+            neighbouring pixel layers of the generic detector, and the innermost layer skipped; 270 let
+            every pixel layer pair with every other and doubled the doublets for no efficiency).
         collision_z_min_mm, collision_z_max_mm: the luminous region's z range [mm] (-200, 200: 4 sigma of
             a 50 mm beam spot; particles from vertices outside cannot be seeded).
         cot_theta_max: largest |cot(theta)| of a seed (10, i.e. |eta| < 3).
@@ -72,7 +74,7 @@ class SeedingConfig:
     r_max_mm: float = 200.0
     z_max_mm: float = 2000.0
     delta_r_min_mm: float = 5.0
-    delta_r_max_mm: float = 270.0
+    delta_r_max_mm: float = 90.0
     collision_z_min_mm: float = -200.0
     collision_z_max_mm: float = 200.0
     cot_theta_max: float = 10.0
