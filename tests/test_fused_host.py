@@ -47,3 +47,21 @@ def test_whole_chain_same_tracks(bundled, detector, monkeypatch, request):
         np.testing.assert_array_equal(a.meas_truth_id, b.meas_truth_id)
         np.testing.assert_allclose(b.params, a.params, rtol=1e-5, atol=1e-8)
         np.testing.assert_allclose(b.chi2, a.chi2, rtol=1e-5, atol=1e-8)
+
+
+def test_seeding_in_small_blocks_and_chunks_gives_the_same_seeds(bundled, detector, request):
+    """Middles in blocks and doublets in chunks (bounded memory) are an implementation detail: the
+    smallest allowed bound, which splits the bundled events into hundreds of blocks, changes no seed."""
+    import dataclasses
+
+    request.getfixturevalue("host_fused")
+    events = [load_cells(s, detector) for s in discover(bundled)[:2]]
+    base = ChainConfig()
+    small = dataclasses.replace(
+        base, seeding=dataclasses.replace(base.seeding, max_candidates_per_chunk=1000)
+    )
+    ref = Chain(np, detector, base).run_front(events, {}).seeds
+    got = Chain(np, detector, small).run_front(events, {}).seeds
+    assert ref is not None and got is not None and ref.size > 1000
+    for name in ("bottom", "middle", "top", "weight", "z_vertex", "event"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
