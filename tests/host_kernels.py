@@ -38,7 +38,7 @@ def build(source: str) -> ctypes.CDLL:
         names = [re.split(r"[\s\*]+", p.strip())[-1] for p in params.split(",")]
         drivers.append(
             f'extern "C" void {name}({params}, int n_total) {{ for (int t = 0; t < n_total; ++t) '
-            f'{{ blockIdx.x = t; k_{name}({", ".join(names)}); }} }}'
+            f"{{ blockIdx.x = t; k_{name}({', '.join(names)}); }} }}"
         )
     text = SHIM + code + "\n" + "\n".join(drivers) + "\n"
     digest = hashlib.sha1(text.encode()).hexdigest()[:16]
