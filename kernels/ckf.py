@@ -488,8 +488,9 @@ def _split_leaving(xp: ModuleType, st: Candidates, layer: Array, done: list[Cand
 
 
 def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Candidates], Candidates]:
-    """The same step as :func:`_array_step`: the layer search, the Kalman updates and the rows of the
-    next step are fused kernels, and one wait for the host sizes all of the step's selections."""
+    """The same step as :func:`_array_step`: one kernel searches the next layer and writes the rows of
+    the next step (Kalman updates included), and one wait for the host sizes all of the step's
+    selections."""
     xp, det, geo, meas, cfg = ctx.xp, ctx.det, ctx.geo, ctx.meas, ctx.cfg
     mv0, mv1 = ctx.mv0, ctx.mv1
     k_max = cfg.max_branches_per_surface
@@ -511,28 +512,28 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
             cfg,
             k_max,
             NEWTON_STEPS,
+            rows=True,
         )
-        rows = fused.step_rows(xp, st.real, st.index, res, meas, mv0, mv1, k_max, cfg.max_holes)
     # one compaction of four flag vectors, in the order of the array step: leaving, over max_holes
     # (both done), children (ordered by candidate, then branch), candidates continuing without one
-    flags = xp.concatenate([rows["leaving"], rows["too_many"], rows["c_ok"], rows["keep_lone"]])
+    flags = xp.concatenate([res["leaving"], res["too_many"], res["c_ok"], res["keep_lone"]])
     ends = xp.cumsum(flags, dtype=xp.int64)
     counts = [int(c) for c in to_numpy(ends[xp.asarray(ctx.step_bounds(n, k_max))])]
     where = xp.where(flags, ends - 1, counts[-1])
     picked = xp.empty(counts[-1] + 1, dtype=xp.int64)
     picked[where] = xp.arange(flags.shape[0], dtype=xp.int64)
     _, b1, b2, b3 = counts
-    lone_table = Candidates(rows["l_real"], rows["l_index"])
+    lone_table = Candidates(res["l_real"], res["l_index"])
     done = [lone_table.take(picked[:b1] - xp.where(picked[:b1] >= n, n, 0))] if b1 else []
     child_rows = picked[b1:b2] - 2 * n
-    children = Candidates(rows["c_real"], rows["c_index"]).take(child_rows)
+    children = Candidates(res["c_real"], res["c_index"]).take(child_rows)
     index = children.index
     index[:, NODE] = nodes.add(index[:, NODE], index[:, M1])
     lone = lone_table.take(picked[b2:b3] - (2 * n + n * k_max))
     child_layer = res["layer"][child_rows // k_max]
     # the step's tables are done with: free them before the overlap search allocates its own (the
     # memory pool keeps the peak of a batch, and this was it)
-    del res, rows, flags, ends, where, picked, lone_table, child_rows
+    del res, flags, ends, where, picked, lone_table, child_rows
     if b2 > b1:
         with section("finding.overlap_search"):
             ov = fused.layer_search(

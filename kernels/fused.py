@@ -249,6 +249,12 @@ extern "C" __global__ void kalman_update(
 // One CKF layer step for one candidate (mode 0), or the overlap search on its own layer (mode 1):
 // scattering, navigation to the next layer, the module grid, plane crossings and bounds, transport
 // to each searched module, and the best max_b measurements by chi^2 under chi2_max.
+// With rows (mode 0 only) the kernel also writes the packed rows of the next step
+// (kernels/candidates.py): slot q < n_found becomes a child with the Kalman update of its measurement
+// (NODE keeps the parent's node: the caller links the child); a candidate without a measurement
+// continues on its nearest prediction (a hole when it crossed a module inside its bounds) or stays put
+// past a gap; a leaving candidate keeps its row. Flags: leaving, over max_holes, child valid, lone row
+// kept. The per-branch and nearest-module outputs are then not written.
 extern "C" __global__ void layer_search(
     const double* rot, const double* trans, const double* material, const double* half_u,
     const int* module_layer, const bool* l_is_disc, const double* l_pos, const double* l_lo, const double* l_hi,
@@ -261,11 +267,13 @@ extern "C" __global__ void layer_search(
     double bounds_tol, double chi2_max, int max_b,
     long long* o_layer, double* o_s_layer, int* o_n_found, long long* o_meas, double* o_chi2, int* o_module,
     double* o_params, double* o_cov, bool* o_crossed, int* o_near_module, double* o_near_params,
-    double* o_near_cov, double* o_scat_cov) {
+    double* o_near_cov, double* o_scat_cov, int rows, int max_holes, double* c_real, long long* c_index,
+    bool* c_ok, double* l_real, long long* l_index, bool* leaving, bool* too_many, bool* keep_lone) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     // packed candidates (kernels/candidates.py): real row = params, cov, chi2, s_done; index row = module, event, ...
     const double* p = real + 32 * (long)i;
+    const long long* irow = index + 8 * (long)i;
     int mod = (int)index[8 * (long)i];
     const double* R = rot + 9 * (long)mod;
     const double* t = trans + 3 * (long)mod;
@@ -287,7 +295,7 @@ extern "C" __global__ void layer_search(
         C[12] += th0 * th0 / (sin_t * sin_t);
         C[18] += th0 * th0;
     }
-    if (mode == 0)  // the overlap search (mode 1) has no use for it
+    if (mode == 0 && !rows)  // the overlap search (mode 1) has no use for it
         for (int k = 0; k < 25; ++k) o_scat_cov[25 * (long)i + k] = C[k];
     long long layer;
     double s_layer, lx, ly, lz;
@@ -300,7 +308,17 @@ extern "C" __global__ void layer_search(
         o_n_found[i] = 0;
         o_crossed[i] = false;
         o_near_module[i] = -1;
-        if (layer < 0) return;
+        if (layer < 0) {
+            if (rows) {
+                for (int q = 0; q < max_b; ++q) c_ok[(long long)i * max_b + q] = false;
+                for (int k = 0; k < 32; ++k) l_real[32 * (long)i + k] = p[k];
+                for (int k = 0; k < 8; ++k) l_index[8 * (long)i + k] = irow[k];
+                leaving[i] = true;
+                too_many[i] = false;
+                keep_lone[i] = false;
+            }
+            return;
+        }
         double pphi;
         helix_(x, y, z, phi, st, ct, h, s_layer, &lx, &ly, &lz, &pphi);
     } else {
@@ -330,6 +348,9 @@ extern "C" __global__ void layer_search(
     int br_mod[MAXB];
     double br_p[MAXB][5], br_c[MAXB][25];
     double near_s = BIG;
+    int near_m = -1;
+    bool crossed = false;
+    double near_p[5], near_c[25];
     double pp[5], pc[25], J[25];
     for (long long bi = b0; bi < b1; ++bi) {
         int m = bin_modules[bi];
@@ -342,15 +363,21 @@ extern "C" __global__ void layer_search(
         double frac = (l1 + hv) / fmax(2 * hv, 1e-9);
         frac = frac < 0 ? 0 : (frac > 1 ? 1 : frac);
         double half_x = half_u[3 * (long)m] + (half_u[3 * (long)m + 1] - half_u[3 * (long)m]) * frac;
-        if (fabs(l0) <= half_x && fabs(l1) <= hv) o_crossed[i] = true;
+        if (fabs(l0) <= half_x && fabs(l1) <= hv) { o_crossed[i] = true; crossed = true; }
         if (!(fabs(l0) <= half_x + bounds_tol && fabs(l1) <= hv + bounds_tol)) continue;
         double s_t = transport_(rot, trans, mod, m, p, C, bfield, c_light, steps, fd, pp, J, pc);
         if (isnan(s_t)) continue;
         if (mode == 0 && s_t < near_s) {
             near_s = s_t;
+            near_m = m;
             o_near_module[i] = m;
-            for (int k = 0; k < 5; ++k) o_near_params[5 * (long)i + k] = pp[k];
-            for (int k = 0; k < 25; ++k) o_near_cov[25 * (long)i + k] = pc[k];
+            if (rows) {
+                for (int k = 0; k < 5; ++k) near_p[k] = pp[k];
+                for (int k = 0; k < 25; ++k) near_c[k] = pc[k];
+            } else {
+                for (int k = 0; k < 5; ++k) o_near_params[5 * (long)i + k] = pp[k];
+                for (int k = 0; k < 25; ++k) o_near_cov[25 * (long)i + k] = pc[k];
+            }
         }
         long long key = index[8 * (long)i + 1] * n_modules + m;
         long long lo = 0, hi = n_meas;
@@ -380,6 +407,45 @@ extern "C" __global__ void layer_search(
         }
     }
     o_n_found[i] = nf;
+    if (rows) {
+        for (int q = 0; q < max_b; ++q) {
+            long long c = (long long)i * max_b + q;
+            c_ok[c] = q < nf;
+            if (q >= nf) continue;
+            long long mi = br_meas[q];
+            double* cr = c_real + 32 * c;
+            long long* ci = c_index + 8 * c;
+            double chi = update_(br_p[q], br_c[q], m0[mi], m1[mi], v0[mi], v1[mi], mdim[mi], cr, cr + 5);
+            cr[30] = p[30] + chi;
+            cr[31] = 0.0;
+            for (int k = 0; k < 8; ++k) ci[k] = irow[k];
+            ci[0] = br_mod[q];
+            ci[4] = irow[4] + 1;
+            ci[6] = mi;
+            ci[7] = irow[6];
+        }
+        double* lr = l_real + 32 * (long)i;
+        long long* li = l_index + 8 * (long)i;
+        for (int k = 0; k < 32; ++k) lr[k] = p[k];
+        for (int k = 0; k < 8; ++k) li[k] = irow[k];
+        bool lone = nf == 0;
+        if (lone) {
+            if (near_m >= 0) {
+                for (int k = 0; k < 5; ++k) lr[k] = near_p[k];
+                for (int k = 0; k < 25; ++k) lr[5 + k] = near_c[k];
+                lr[31] = 0.0;
+                li[0] = near_m;
+            } else {
+                for (int k = 0; k < 25; ++k) lr[5 + k] = C[k];
+                lr[31] = s_layer;
+            }
+            li[5] = irow[5] + (crossed ? 1 : 0);
+        }
+        leaving[i] = false;
+        too_many[i] = lone && li[5] > max_holes;
+        keep_lone[i] = lone && !(li[5] > max_holes);
+        return;
+    }
     for (int q = 0; q < nf; ++q) {
         long long row = (long long)i * max_b + q;
         o_meas[row] = br_meas[q]; o_chi2[row] = br_chi[q]; o_module[row] = br_mod[q];
@@ -388,66 +454,6 @@ extern "C" __global__ void layer_search(
     }
 }
 
-// After layer_search (mode 0), the packed rows of one CKF step, per candidate (kernels/candidates.py):
-// slot q < n_found becomes a child with the Kalman update of its measurement (NODE keeps the parent's
-// node: the caller links the child); a candidate without a measurement continues on its nearest
-// prediction (a hole when it crossed a module inside its bounds), or stays put past a gap; a leaving
-// candidate keeps its row. Flags: leaving, over max_holes, child valid, lone row kept.
-extern "C" __global__ void step_rows(
-    const double* real, const long long* index, int n, int max_b, int max_holes, const long long* r_layer,
-    const double* r_s_layer, const int* r_n_found, const long long* r_meas, const int* r_module,
-    const double* r_params, const double* r_cov, const bool* r_crossed, const int* r_near_module,
-    const double* r_near_params, const double* r_near_cov, const double* r_scat_cov, const double* m0,
-    const double* m1, const double* v0, const double* v1, const signed char* mdim, double* c_real,
-    long long* c_index, bool* c_ok, double* l_real, long long* l_index, bool* leaving, bool* too_many,
-    bool* keep_lone) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const double* row = real + 32 * (long)i;
-    const long long* irow = index + 8 * (long)i;
-    int nf = r_n_found[i];
-    bool leave = r_layer[i] < 0;
-    for (int q = 0; q < max_b; ++q) {
-        long long c = (long long)i * max_b + q;
-        bool ok = !leave && q < nf;
-        c_ok[c] = ok;
-        if (!ok) continue;
-        long long mi = r_meas[c];
-        double* cr = c_real + 32 * c;
-        long long* ci = c_index + 8 * c;
-        double chi = update_(r_params + 5 * c, r_cov + 25 * c, m0[mi], m1[mi], v0[mi], v1[mi], mdim[mi], cr, cr + 5);
-        cr[30] = row[30] + chi;
-        cr[31] = 0.0;
-        for (int k = 0; k < 8; ++k) ci[k] = irow[k];
-        ci[0] = r_module[c];
-        ci[4] = irow[4] + 1;
-        ci[6] = mi;
-        ci[7] = irow[6];
-    }
-    double* lr = l_real + 32 * (long)i;
-    long long* li = l_index + 8 * (long)i;
-    for (int k = 0; k < 32; ++k) lr[k] = row[k];
-    for (int k = 0; k < 8; ++k) li[k] = irow[k];
-    bool lone = !leave && nf == 0;
-    if (lone) {
-        if (r_near_module[i] >= 0) {
-            for (int k = 0; k < 5; ++k) lr[k] = r_near_params[5 * (long)i + k];
-            for (int k = 0; k < 25; ++k) lr[5 + k] = r_near_cov[25 * (long)i + k];
-            lr[31] = 0.0;
-            li[0] = r_near_module[i];
-        } else {
-            for (int k = 0; k < 25; ++k) lr[5 + k] = r_scat_cov[25 * (long)i + k];
-            lr[31] = r_s_layer[i];
-        }
-        li[5] = irow[5] + (r_crossed[i] ? 1 : 0);
-    }
-    leaving[i] = leave;
-    too_many[i] = lone && li[5] > max_holes;
-    keep_lone[i] = lone && !(li[5] > max_holes);
-}
-
-// one thread per finished candidate: its measurements, from its last node back along the links,
-// written from the end of its range [offsets[i], offsets[i + 1])
 extern "C" __global__ void collect_measurements(
     const long long* parent, const long long* node_meas, const long long* last_node, const long long* offsets,
     int n, long long* out) {
@@ -615,46 +621,6 @@ def kalman_update(xp: ModuleType, params, cov, m0, m1, v0, v1, dim) -> tuple:
     return out_p, out_c, out_chi
 
 
-def step_rows(
-    xp: ModuleType, real: Array, index: Array, res: dict[str, Array], meas: Any, v0: Array, v1: Array,
-    max_b: int, max_holes: int,
-) -> dict[str, Array]:  # fmt: skip
-    """Children, lone rows and flags of one CKF step from :func:`layer_search`'s result: see the kernel."""
-    n = int(real.shape[0])
-    f64, i64 = xp.float64, xp.int64
-    out = {
-        "c_real": xp.empty((n * max_b, 32), f64),
-        "c_index": xp.empty((n * max_b, 8), i64),
-        "c_ok": xp.empty(n * max_b, xp.bool_),
-        "l_real": xp.empty((n, 32), f64),
-        "l_index": xp.empty((n, 8), i64),
-        "leaving": xp.empty(n, xp.bool_),
-        "too_many": xp.empty(n, xp.bool_),
-        "keep_lone": xp.empty(n, xp.bool_),
-    }
-    c = xp.ascontiguousarray
-    args = (
-        c(real, dtype=f64),
-        c(index, dtype=i64),
-        xp.int32(n),
-        xp.int32(max_b),
-        xp.int32(max_holes),
-        *(res[k] for k in ("layer", "s_layer", "n_found", "meas", "module", "params", "cov", "crossed")),
-        *(res[k] for k in ("near_module", "near_params", "near_cov", "scat_cov")),
-        c(meas.local0, dtype=f64),
-        c(meas.local1, dtype=f64),
-        c(v0, dtype=f64),
-        c(v1, dtype=f64),
-        c(meas.dimension, dtype=xp.int8),
-        *(
-            out[k]
-            for k in ("c_real", "c_index", "c_ok", "l_real", "l_index", "leaving", "too_many", "keep_lone")
-        ),
-    )
-    _launch("step_rows", n, args)
-    return out
-
-
 def collect_measurements(
     xp: ModuleType, parent: Array, node_meas: Array, last_node: Array, offsets: Array, total: int
 ) -> Array:
@@ -740,30 +706,50 @@ def layer_search(
     cfg: Any,
     max_b: int,
     steps: int,
+    rows: bool = False,
 ) -> dict[str, Array]:
     """One CKF layer step (mode 0) or overlap search (mode 1) for all packed candidates
-    (``real``, ``index`` of :class:`kernels.candidates.Candidates`): see the kernel."""
+    (``real``, ``index`` of :class:`kernels.candidates.Candidates`): see the kernel.
+
+    With ``rows`` (mode 0), the result holds the next step's packed rows instead of the branches:
+    ``c_real``/``c_index``/``c_ok`` (max_b slots per candidate), ``l_real``/``l_index`` (one per
+    candidate) and the flags ``leaving``, ``too_many``, ``keep_lone``; ``cfg.max_holes`` applies."""
     n = int(real.shape[0])
     f64, i64, i32 = xp.float64, xp.int64, xp.int32
     if max_b > 4:
         raise ValueError("fused layer_search supports at most 4 branches per surface")
     if real.shape[1:] != (32,) or index.shape[1:] != (8,):
         raise ValueError("layer_search expects packed candidates: real [n, 32], index [n, 8]")
+    if rows and mode != 0:
+        raise ValueError("layer_search: rows only in mode 0")
+    # outputs a call does not write get one-row placeholders
+    n_branch = 1 if rows else n * max_b
+    n_near = n if mode == 0 and not rows else 1
     out = {
         "layer": xp.empty(n, i64),
         "s_layer": xp.empty(n, f64),
         "n_found": xp.empty(n, i32),
-        "meas": xp.empty(n * max_b, i64),
-        "chi2": xp.empty(n * max_b, f64),
-        "module": xp.empty(n * max_b, i32),
-        "params": xp.empty((n * max_b, 5), f64),
-        "cov": xp.empty((n * max_b, 5, 5), f64),
+        "meas": xp.empty(n_branch, i64),
+        "chi2": xp.empty(n_branch, f64),
+        "module": xp.empty(n_branch, i32),
+        "params": xp.empty((n_branch, 5), f64),
+        "cov": xp.empty((n_branch, 5, 5), f64),
         "crossed": xp.empty(n, xp.bool_),
         "near_module": xp.empty(n, i32),
-        # written in mode 0 only: the overlap search gets one-row placeholders
-        "near_params": xp.zeros((n if mode == 0 else 1, 5), f64),
-        "near_cov": xp.zeros((n if mode == 0 else 1, 5, 5), f64),
-        "scat_cov": xp.empty((n if mode == 0 else 1, 5, 5), f64),
+        "near_params": xp.zeros((n_near, 5), f64),
+        "near_cov": xp.zeros((n_near, 5, 5), f64),
+        "scat_cov": xp.empty((n_near, 5, 5), f64),
+    }
+    n_rows = n if rows else 1
+    step_rows = {
+        "c_real": xp.empty((n_rows * max_b, 32), f64),
+        "c_index": xp.empty((n_rows * max_b, 8), i64),
+        "c_ok": xp.empty(n_rows * max_b, xp.bool_),
+        "l_real": xp.empty((n_rows, 32), f64),
+        "l_index": xp.empty((n_rows, 8), i64),
+        "leaving": xp.empty(n_rows, xp.bool_),
+        "too_many": xp.empty(n_rows, xp.bool_),
+        "keep_lone": xp.empty(n_rows, xp.bool_),
     }
     c = xp.ascontiguousarray
     geometry = _geometry_args(xp, det, geo, nav)
@@ -805,6 +791,11 @@ def layer_search(
         out["near_params"],
         out["near_cov"],
         out["scat_cov"],
+        i32(1 if rows else 0),
+        i32(cfg.max_holes if rows else 0),
+        *step_rows.values(),
     )
     _launch("layer_search", n, args)
+    if rows:
+        out.update(step_rows)
     return out
