@@ -13,12 +13,14 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from broker.errors import ConfigError
 from broker.security import client_keys
 from producer.client import ClientConfig, FleetClient, ProducerRun, RunConfig, TracksWriter, load_inputs
 from producer.io.errors import InputError
+from producer.sharded import ShardedClient, endpoints_of
 
 log = logging.getLogger("producer")
 
@@ -27,7 +29,10 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
     """Connection and retry options shared by ``producer`` and ``trackfleet demo``."""
     d = ClientConfig()
     p.add_argument(
-        "--connect", default=d.endpoint, help="the broker's producer endpoint (default %(default)s)"
+        "--connect",
+        default=d.endpoint,
+        help="the broker's producer endpoint, or several separated by commas: events are shared among "
+        "those brokers (default %(default)s)",
     )
     p.add_argument("--timeout-s", type=float, default=d.timeout_s, help="resend after this long [s]")
     p.add_argument(
@@ -92,12 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress and not args.json,
         )
         client_cfg = client_config_from_args(args)
+        endpoints = endpoints_of(args.connect)
         events = load_inputs(args.events, args.detector, limit=args.count if args.duration is None else None)
     except (ConfigError, InputError) as exc:
         sys.stderr.write(f"producer: error: {exc}\n")
         return 2
     writer = TracksWriter(args.output) if args.output else None
-    with FleetClient(client_cfg) as client:
+    client = (
+        FleetClient(replace(client_cfg, endpoint=endpoints[0]))
+        if len(endpoints) == 1
+        else ShardedClient(client_cfg, endpoints)
+    )
+    with client:
         summary = ProducerRun(client, events, run_cfg, on_reply=writer).run()
     if writer is not None:
         writer.close()

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zmq
@@ -182,6 +182,10 @@ class FleetClient:
     def in_flight(self) -> int:
         """Requests submitted and not yet final."""
         return len(self._pending)
+
+    def is_pending(self, request_id: int) -> bool:
+        """Whether ``request_id`` was submitted and is not final yet."""
+        return request_id in self._pending
 
     def submit(self, request_id: int, event_id: int, payload: Sequence[Frame]) -> None:
         """Queue one event for sending (sent at once when the broker is connected).
@@ -576,8 +580,29 @@ class RunSummary:
         return "\n".join(lines)
 
 
+class EventClient(Protocol):
+    """What :class:`ProducerRun` needs of a client: :class:`FleetClient`, or
+    :class:`~producer.sharded.ShardedClient` over several brokers."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def counters(self) -> Counter[str]: ...
+
+    @property
+    def retried_ids(self) -> set[int]: ...
+
+    @property
+    def busy_ids(self) -> set[int]: ...
+
+    def submit(self, request_id: int, event_id: int, payload: Sequence[Frame]) -> None: ...
+
+    def poll(self, timeout_s: float) -> list[Reply]: ...
+
+
 class ProducerRun:
-    """Stream events through a :class:`FleetClient`.
+    """Stream events through a :class:`FleetClient` (or any :class:`EventClient`).
 
     Args:
         client: a connected client.
@@ -589,7 +614,7 @@ class ProducerRun:
 
     def __init__(
         self,
-        client: FleetClient,
+        client: EventClient,
         events: Sequence[PackedInput],
         config: RunConfig,
         on_reply: Callable[[Reply], None] | None = None,
