@@ -9,7 +9,8 @@
 # (default "0 1"), COUNTS, MUS ("200 50"), INSTANCES ("8"), BATCH ("4 8"), WINDOW_S (10),
 # BACKEND (cupy), PYTHON (python3); PAIRS (e.g. "8x8 4x16": exactly these instances x batch pairs
 # instead of the INSTANCES x BATCH grid); MPS=1 (workers under the CUDA Multi-Process Service, --mps;
-# needs nvidia-cuda-mps-control); PRODUCERS (closed-loop producer processes, default 1).
+# needs nvidia-cuda-mps-control); PRODUCERS (closed-loop producer processes, default 1);
+# BROKER_PER_GPU=1 (one broker per GPU, the producers share events among them).
 # Needs pyzmq and supervisor importable (see ../shared/device/README.md
 # on the GPU machine) and CuPy.
 set -euo pipefail
@@ -25,6 +26,7 @@ grid=(--instances ${INSTANCES:-8} --batch ${BATCH:-4 8})
 [ -n "${PAIRS:-}" ] && grid=(--pairs $PAIRS)
 mps=()
 [ "${MPS:-0}" = 1 ] && mps=(--mps)
+[ "${BROKER_PER_GPU:-0}" = 1 ] && mps+=(--broker-per-gpu)
 counts=(${COUNTS:-$( [ "${#gpus[@]}" -gt 1 ] && echo "1 ${#gpus[@]}" || echo 1 )})
 for n in "${counts[@]}"; do
   [ "$n" -ge 1 ] && [ "$n" -le "${#gpus[@]}" ] || { echo "COUNTS: $n is not between 1 and ${#gpus[@]}" >&2; exit 2; }

@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from producer.client import ClientConfig, FleetClient, ProducerRun, RunConfig, TracksWriter, load_inputs  # noqa: E402
 from producer.launch import LocalFleet  # noqa: E402
+from producer.sharded import ShardedClient  # noqa: E402
 
 
 class GpuSampler(threading.Thread):
@@ -103,11 +104,18 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def connect(endpoint: str | list[str]) -> FleetClient | ShardedClient:
+    """A client of one broker, or one sharing its events among several."""
+    if isinstance(endpoint, str):
+        return FleetClient(ClientConfig(endpoint=endpoint))
+    return ShardedClient(ClientConfig(), endpoint)
+
+
 def measure(
-    endpoint: str, events: list, concurrency: int, seconds: float, tracks_dir: str | None = None
+    endpoint: str | list[str], events: list, concurrency: int, seconds: float, tracks_dir: str | None = None
 ) -> dict:
     writer = TracksWriter(tracks_dir) if tracks_dir else None
-    with FleetClient(ClientConfig(endpoint=endpoint)) as client:
+    with connect(endpoint) as client:
         run = ProducerRun(
             client,
             events,
@@ -125,18 +133,20 @@ def measure(
     return summary.to_dict()
 
 
-def _producer_process(endpoint: str, inputs: str, concurrency: int, seconds: float) -> dict:
+def _producer_process(endpoint: str | list[str], inputs: str, concurrency: int, seconds: float) -> dict:
     """One closed-loop producer process of :func:`measure_parallel` (spawned: loads its own events)."""
     cpu0 = time.process_time()
     events = load_inputs(inputs)
-    with FleetClient(ClientConfig(endpoint=endpoint)) as client:
+    with connect(endpoint) as client:
         summary = ProducerRun(
             client, events, RunConfig(concurrency=concurrency, duration_s=seconds, progress=False)
         ).run()
     return {**summary.to_dict(), "latencies_s": summary.latencies_s, "cpu_s": time.process_time() - cpu0}
 
 
-def measure_parallel(endpoint: str, inputs: str, concurrency: int, seconds: float, producers: int) -> dict:
+def measure_parallel(
+    endpoint: str | list[str], inputs: str, concurrency: int, seconds: float, producers: int
+) -> dict:
     """Like :func:`measure` with ``producers`` processes sharing ``concurrency``: one Python producer
     tops out near one core (~750 small events/s), which would cap the fleet it measures."""
     ctx = multiprocessing.get_context("spawn")
@@ -283,6 +293,12 @@ def main() -> int:
         help="measure exactly these (instances per GPU x batch) pairs instead of the --instances x --batch grid",
     )
     ap.add_argument("--mps", action="store_true", help="run the workers under the CUDA Multi-Process Service")
+    ap.add_argument(
+        "--broker-per-gpu",
+        action="store_true",
+        help="one broker per GPU (each GPU's workers behind their own broker; the producers share events "
+        "among them, producer/sharded.py)",
+    )
     ap.add_argument("--seconds", type=float, default=12.0, help="measurement window [s]")
     ap.add_argument(
         "--producers", type=int, default=1, help="closed-loop producer processes sharing the load (default 1)"
@@ -311,26 +327,37 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     grid: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
+    # GPU groups behind one broker each: all GPUs, or one per GPU
+    groups = [[i] for i in range(len(args.gpus))] if args.broker_per_gpu else [list(range(len(args.gpus)))]
     for n, b in pairs:
         run_dir = Path(tempfile.mkdtemp(prefix="tf-study-"))
-        fleet = LocalFleet(
-            run_dir,
-            detector=Path(args.input),
-            worker_args=["--backend", args.backend, "--batch", str(b), "--capacity", str(2 * b)],
-        )
+        fleets = [
+            LocalFleet(
+                run_dir / f"fleet{k}",
+                detector=Path(args.input),
+                worker_args=["--backend", args.backend, "--batch", str(b), "--capacity", str(2 * b)],
+            )
+            for k in range(len(groups))
+        ]
         mps = Mps(run_dir, args.gpus) if args.mps else None
         try:
-            fleet.start_broker()
+            for fleet in fleets:
+                fleet.start_broker()
             if mps is not None:
                 mps.start()
             with worker_environment(mps):
-                for i, g in enumerate(args.gpus):
-                    # under MPS the workers see the daemon's devices (--gpus) renumbered 0..n-1
-                    fleet.start_workers(n, extra_args=["--device", str(i if mps else g)])
-            fleet.wait_ready(n * len(args.gpus), timeout_s=600)
+                for fleet, group in zip(fleets, groups, strict=True):
+                    for i in group:
+                        # under MPS the workers see the daemon's devices (--gpus) renumbered 0..n-1
+                        fleet.start_workers(n, extra_args=["--device", str(i if mps else args.gpus[i])])
+            for fleet, group in zip(fleets, groups, strict=True):
+                fleet.wait_ready(n * len(group), timeout_s=600)
+            frontends = [f.frontend for f in fleets]
+            endpoint = frontends[0] if len(frontends) == 1 else frontends
+            brokers = [f.broker.pid for f in fleets if f.broker is not None]
             total = n * len(args.gpus)
             conc = 2 * total * b
-            measure(fleet.frontend, events, conc, args.warmup_s)
+            measure(endpoint, events, conc, args.warmup_s)
             if mps is not None:
                 mps.check_serving()  # after the warm-up every worker has used its GPU
             sampler = GpuSampler(args.gpus)
@@ -338,20 +365,20 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
             # CPU use of the broker and of this producer over the window: where scaling with GPUs
             # stops, one of them shows a whole core busy.
             broker_cpu0, producer_cpu0, wall0 = (
-                cpu_seconds(fleet.broker.pid),
+                [cpu_seconds(pid) for pid in brokers],
                 time.process_time(),
                 time.monotonic(),
             )
             if args.producers > 1:
-                s = measure_parallel(fleet.frontend, args.input, conc, args.seconds, args.producers)
+                s = measure_parallel(endpoint, args.input, conc, args.seconds, args.producers)
             else:
-                s = measure(fleet.frontend, events, conc, args.seconds)
+                s = measure(endpoint, events, conc, args.seconds)
             wall = time.monotonic() - wall0
-            broker_cpu1 = cpu_seconds(fleet.broker.pid)
+            broker_cpu1 = [cpu_seconds(pid) for pid in brokers]
             producer_cpu = (s["cpu_s"] if args.producers > 1 else time.process_time() - producer_cpu0) / wall
             sampler.stop()
             sampler.join(2)
-            pids = [p.pid for p in fleet.workers]
+            pids = [p.pid for f in fleets for p in f.workers]
             row = {
                 "instances_per_gpu": n,
                 "batch": b,
@@ -367,23 +394,26 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
                 "gpu_utilization": statistics.median(sampler.util) if sampler.util else None,
                 "gpu_memory_per_worker_bytes": max((sampler.proc_mem.get(p, 0) for p in pids), default=None),
                 "host_rss_per_worker_bytes": max((rss_bytes(p) or 0 for p in pids), default=None),
-                "host_rss_broker_bytes": rss_bytes(fleet.broker.pid) if fleet.broker else None,
+                "brokers": len(fleets),
+                "host_rss_broker_bytes": max((rss_bytes(pid) or 0 for pid in brokers), default=None),
+                # all brokers together (each one's share is about this / brokers)
                 "broker_cpu_cores": None
-                if broker_cpu0 is None or broker_cpu1 is None
-                else round((broker_cpu1 - broker_cpu0) / wall, 3),
+                if None in broker_cpu0 or None in broker_cpu1
+                else round(sum(b1 - b0 for b0, b1 in zip(broker_cpu0, broker_cpu1, strict=True)) / wall, 3),
                 "producer_cpu_cores": round(producer_cpu, 3),
                 "card": sampler.card,
             }
             grid.append(row)
             print(json.dumps(row), flush=True)
             if best is None or row["events_per_s"] > best["row"]["events_per_s"]:
-                low = measure(fleet.frontend, events, 1, max(4.0, args.seconds / 2))
+                low = measure(endpoint, events, 1, max(4.0, args.seconds / 2))
                 tracks = str(run_dir / "tracks")
-                measure(fleet.frontend, events, conc, 0, tracks_dir=tracks)
+                measure(endpoint, events, conc, 0, tracks_dir=tracks)
                 best = {"row": row, "low_load_p50_ms": low["latency_ms"]["p50"], "tracks": tracks}
         finally:
             try:
-                fleet.stop()
+                for fleet in fleets:
+                    fleet.stop()
             finally:
                 if mps is not None:
                     mps.quit()
@@ -397,6 +427,7 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
         "gpus": len(args.gpus),
         "mu": args.mu,
         "mps": args.mps,
+        "brokers": r["brokers"],
         "events_per_s": r["events_per_s"],
         "instances_per_gpu": r["instances_per_gpu"],
         "batch": r["batch"],
@@ -416,7 +447,8 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
         "command": " ".join(["python", *sys.argv]),
         "grid": grid,
     }
-    name = f"throughput-{r['card'].lower()}-{len(args.gpus)}gpu-mu{args.mu}{'-mps' if args.mps else ''}.json"
+    suffix = ("-mps" if args.mps else "") + ("-broker-per-gpu" if len(groups) > 1 else "")
+    name = f"throughput-{r['card'].lower()}-{len(args.gpus)}gpu-mu{args.mu}{suffix}.json"
     (out / name).write_text(json.dumps(result, indent=1) + "\n")
     print("BEST", json.dumps({k: v for k, v in result.items() if k != "grid"}), flush=True)
     return 0
