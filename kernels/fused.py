@@ -86,13 +86,30 @@ extern "C" __global__ void intersect_plane(
            s + i, l0 + i, l1 + i, phi_out + i, ox + i, oy + i, oz + i);
 }
 
+// global position of the bound parameters p (loc0, loc1) on the module with rotation R and translation t
+__device__ __forceinline__ void bound_position_(const double* R, const double* t, const double* p, double* x,
+                                                double* y, double* z) {
+    *x = R[0] * p[0] + R[1] * p[1] + t[0];
+    *y = R[3] * p[0] + R[4] * p[1] + t[1];
+    *z = R[6] * p[0] + R[7] * p[1] + t[2];
+}
+
+// multiple scattering (Highland) in x/X0 = x0 of the module with rotation R, at the incidence of p
+__device__ void scatter_(const double* R, const double* p, double* C, double x0) {
+    double st = sin(p[3]);
+    double cos_inc = R[2] * st * cos(p[2]) + R[5] * st * sin(p[2]) + R[8] * cos(p[3]);
+    double mom = 1.0 / fmax(fabs(p[4]), 1e-9);
+    double x = fmax(x0 / fmax(fabs(cos_inc), 0.05), 1e-8);
+    double th0 = 0.0136 / mom * sqrt(x) * (1.0 + 0.038 * log(x));
+    double sin_t = fmax(fabs(st), 1e-6);
+    C[12] += th0 * th0 / (sin_t * sin_t);
+    C[18] += th0 * th0;
+}
+
 __device__ void plane_map_(const double* rot, const double* trans, int src, int dst, const double* p,
                            double bfield, double c_light, int steps, double* out, double* s_out) {
-    const double* R = rot + 9 * (long)src;
-    const double* t = trans + 3 * (long)src;
-    double x = R[0] * p[0] + R[1] * p[1] + t[0];
-    double y = R[3] * p[0] + R[4] * p[1] + t[1];
-    double z = R[6] * p[0] + R[7] * p[1] + t[2];
+    double x, y, z;
+    bound_position_(rot + 9 * (long)src, trans + 3 * (long)src, p, &x, &y, &z);
     double h = -p[4] * bfield * c_light;
     double l0, l1, pphi, ox, oy, oz;
     plane_(rot + 9 * (long)dst, trans + 3 * (long)dst, x, y, z, p[2], p[3], h, steps, s_out, &l0, &l1, &pphi,
@@ -275,26 +292,15 @@ extern "C" __global__ void layer_search(
     const double* p = real + 32 * (long)i;
     const long long* irow = index + 8 * (long)i;
     int mod = (int)index[8 * (long)i];
-    const double* R = rot + 9 * (long)mod;
-    const double* t = trans + 3 * (long)mod;
-    double x = R[0] * p[0] + R[1] * p[1] + t[0];
-    double y = R[3] * p[0] + R[4] * p[1] + t[1];
-    double z = R[6] * p[0] + R[7] * p[1] + t[2];
+    double x, y, z;
+    bound_position_(rot + 9 * (long)mod, trans + 3 * (long)mod, p, &x, &y, &z);
     double phi = p[2], theta = p[3];
     double h = -p[4] * bfield * c_light;
     double st = sin(theta), ct = cos(theta);
     // scattering in the module the candidate sits on
     double C[25];
     for (int k = 0; k < 25; ++k) C[k] = p[5 + k];
-    {
-        double cos_inc = R[2] * st * cos(phi) + R[5] * st * sin(phi) + R[8] * ct;
-        double mom = 1.0 / fmax(fabs(p[4]), 1e-9);
-        double xx = fmax(material[mod] / fmax(fabs(cos_inc), 0.05), 1e-8);
-        double th0 = 0.0136 / mom * sqrt(xx) * (1.0 + 0.038 * log(xx));
-        double sin_t = fmax(fabs(st), 1e-6);
-        C[12] += th0 * th0 / (sin_t * sin_t);
-        C[18] += th0 * th0;
-    }
+    scatter_(rot + 9 * (long)mod, p, C, material[mod]);
     if (mode == 0 && !rows)  // the overlap search (mode 1) has no use for it
         for (int k = 0; k < 25; ++k) o_scat_cov[25 * (long)i + k] = C[k];
     long long layer;

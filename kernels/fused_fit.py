@@ -19,24 +19,10 @@ from kernels import fused
 from kernels.xp import Array
 
 _FIT_SOURCE = r"""
-__device__ void scatter_(const double* R, const double* p, double* C, double x0) {
-    double st = sin(p[3]);
-    double cos_inc = R[2] * st * cos(p[2]) + R[5] * st * sin(p[2]) + R[8] * cos(p[3]);
-    double mom = 1.0 / fmax(fabs(p[4]), 1e-9);
-    double x = fmax(x0 / fmax(fabs(cos_inc), 0.05), 1e-8);
-    double th0 = 0.0136 / mom * sqrt(x) * (1.0 + 0.038 * log(x));
-    double sin_t = fmax(fabs(st), 1e-6);
-    C[12] += th0 * th0 / (sin_t * sin_t);
-    C[18] += th0 * th0;
-}
-
 __device__ void perigee_map_(const double* rot, const double* trans, int module, const double* p, double bfield,
                              double c_light, int steps, double* out) {
-    const double* R = rot + 9 * (long)module;
-    const double* t = trans + 3 * (long)module;
-    double x = R[0] * p[0] + R[1] * p[1] + t[0];
-    double y = R[3] * p[0] + R[4] * p[1] + t[1];
-    double z = R[6] * p[0] + R[7] * p[1] + t[2];
+    double x, y, z;
+    bound_position_(rot + 9 * (long)module, trans + 3 * (long)module, p, &x, &y, &z);
     double phi = p[2], theta = p[3];
     double h = -p[4] * bfield * c_light;
     double st = sin(theta), ct = cos(theta);
