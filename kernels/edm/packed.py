@@ -12,7 +12,7 @@ when they fit, the truth id as uint32 when it fits. A mu=200 event (~326k cells)
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -155,6 +155,47 @@ def decode_header(header: bytes | memoryview, format_name: str, version: int, wh
     return h
 
 
+def decode_columns(
+    spec: Any, buffers: Sequence[Any], allowed: Mapping[str, Collection[str]]
+) -> dict[str, np.ndarray]:
+    """The columns a packed header lists (``[name, dtype, count]`` each), as 1-D views of their buffers.
+
+    Raises:
+        EventFormatError: a column entry malformed, unknown, repeated or of a dtype ``allowed`` does not
+            list, a buffer without the buffer interface, or of the wrong size.
+    """
+    if not isinstance(spec, list) or len(spec) != len(buffers):
+        raise EventFormatError(
+            f"header lists {len(spec) if isinstance(spec, list) else 'no'} columns but "
+            f"{len(buffers)} buffers arrived"
+        )
+    cols: dict[str, np.ndarray] = {}
+    for entry, buf in zip(spec, buffers, strict=True):
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise EventFormatError(f"bad column entry {entry!r}")
+        name, dtype, count = entry
+        if not isinstance(name, str) or name not in allowed or name in cols:
+            raise EventFormatError(f"unknown or repeated column {name!r}")
+        if dtype not in allowed[name]:
+            raise EventFormatError(f"column {name!r} has dtype {dtype!r}; allowed {sorted(allowed[name])}")
+        dt = np.dtype(dtype)
+        try:
+            mv = memoryview(buf)
+        except TypeError as exc:
+            raise EventFormatError(f"column {name!r}: buffer has no buffer interface") from exc
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, int)
+            or count < 0
+            or mv.nbytes != count * dt.itemsize
+        ):
+            raise EventFormatError(
+                f"column {name!r}: {mv.nbytes} bytes for {count!r} values of {dtype} (truncated?)"
+            )
+        cols[name] = np.frombuffer(mv, dtype=dt)
+    return cols
+
+
 def unpack_event(header: bytes | memoryview, buffers: Sequence[Any]) -> PackedEvent:
     """Decode a packed event without copying its columns.
 
@@ -174,27 +215,7 @@ def unpack_event(header: bytes | memoryview, buffers: Sequence[Any]) -> PackedEv
         raise EventFormatError(f"n_cells must be an integer in [0, {MAX_CELLS}], got {n_cells!r}")
     if not isinstance(det, str):
         raise EventFormatError("detector fingerprint must be a string")
-    if not isinstance(spec, list) or len(spec) != len(buffers):
-        raise EventFormatError(
-            f"header lists {len(spec) if isinstance(spec, list) else 'no'} columns but "
-            f"{len(buffers)} buffers arrived"
-        )
-    cols: dict[str, np.ndarray] = {}
-    for entry, buf in zip(spec, buffers, strict=True):
-        if not (isinstance(entry, list) and len(entry) == 3):
-            raise EventFormatError(f"bad column entry {entry!r}")
-        name, dtype, count = entry
-        if name not in _ALLOWED or name in cols:
-            raise EventFormatError(f"unknown or repeated column {name!r}")
-        if dtype not in _ALLOWED[name]:
-            raise EventFormatError(f"column {name!r} has dtype {dtype!r}; allowed {sorted(_ALLOWED[name])}")
-        dt = np.dtype(dtype)
-        mv = memoryview(buf)
-        if not isinstance(count, int) or count < 0 or mv.nbytes != count * dt.itemsize:
-            raise EventFormatError(
-                f"column {name!r}: {mv.nbytes} bytes for {count!r} values of {dtype} (truncated?)"
-            )
-        cols[name] = np.frombuffer(mv, dtype=dt)
+    cols = decode_columns(spec, buffers, _ALLOWED)
     missing = [c for c in _REQUIRED if c not in cols]
     if missing:
         raise EventFormatError(f"packed event lacks columns {missing}")

@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from kernels.edm.packed import decode_header
+from kernels.edm.packed import decode_columns, decode_header
 from kernels.edm.tracks import Tracks
 from kernels.errors import EventFormatError
 from kernels.xp import to_numpy
@@ -97,35 +97,17 @@ def unpack_tracks(header: bytes | memoryview, buffers: Sequence[Any]) -> Tracks:
         raise EventFormatError(f"n_tracks must be an integer in [0, {MAX_TRACKS}], got {n_tracks!r}")
     if isinstance(n_meas, bool) or not isinstance(n_meas, int) or not 0 <= n_meas <= MAX_MEASUREMENTS:
         raise EventFormatError(f"n_meas must be an integer in [0, {MAX_MEASUREMENTS}], got {n_meas!r}")
-    if not isinstance(spec, list) or len(spec) != len(buffers):
-        raise EventFormatError(
-            f"header lists {len(spec) if isinstance(spec, list) else 'no'} columns but "
-            f"{len(buffers)} buffers arrived"
-        )
+    flat = decode_columns(spec, buffers, {name: c[0] for name, c in _COLUMNS.items()})
     cols: dict[str, np.ndarray] = {}
-    for entry, buf in zip(spec, buffers, strict=True):
-        if not (isinstance(entry, list) and len(entry) == 3):
-            raise EventFormatError(f"bad column entry {entry!r}")
-        name, dtype, count = entry
-        if not isinstance(name, str) or name not in _COLUMNS or name in cols:
-            raise EventFormatError(f"unknown or repeated column {name!r}")
-        allowed, _, row_shape, kind = _COLUMNS[name]
-        if dtype not in allowed:
-            raise EventFormatError(f"column {name!r} has dtype {dtype!r}; allowed {sorted(allowed)}")
+    for name, values in flat.items():
+        _, _, row_shape, kind = _COLUMNS[name]
         rows = _expected_rows(kind, n_tracks, n_meas)
         per_row = int(np.prod(row_shape, dtype=np.int64)) if row_shape else 1
-        if count != rows * per_row:
-            raise EventFormatError(f"column {name!r} lists {count!r} values, expected {rows * per_row}")
-        dt = np.dtype(dtype)
-        try:
-            mv = memoryview(buf)
-        except TypeError as exc:
-            raise EventFormatError(f"column {name!r}: buffer has no buffer interface") from exc
-        if mv.nbytes != count * dt.itemsize:
+        if values.shape[0] != rows * per_row:
             raise EventFormatError(
-                f"column {name!r}: {mv.nbytes} bytes for {count} values of {dtype} (truncated?)"
+                f"column {name!r} lists {values.shape[0]} values, expected {rows * per_row}"
             )
-        cols[name] = np.frombuffer(mv, dtype=dt).reshape((rows, *row_shape))
+        cols[name] = values.reshape((rows, *row_shape))
     missing = [c for c in _COLUMNS if c not in cols]
     if missing:
         raise EventFormatError(f"packed tracks lack columns {missing}")
