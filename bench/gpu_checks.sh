@@ -29,7 +29,7 @@ export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   timeout 300 "$py" bench/chain_bench.py --input "$events" --backend cupy --batch ${BATCHES:-1 8 16} --repeat 3 \
     --tracks "$(mktemp -d)" --json "$out/chain.json" 2>&1 | grep -v "^validate"
   echo "== fleet without MPS"
-  GPUS=0 MUS=200 PAIRS="${PAIRS:-8x8}" timeout 300 bench/run_throughput_study.sh "$events" "$events" "$out" 2>&1 |
+  MPS=0 GPUS=0 MUS=200 PAIRS="${PAIRS:-8x8}" timeout 300 bench/run_throughput_study.sh "$events" "$events" "$out" 2>&1 |
     grep -v "^validate"
   echo "== fleet under MPS"
   MPS=1 GPUS=0 MUS=200 PAIRS="${PAIRS_MPS:-16x8 8x16}" timeout 400 bench/run_throughput_study.sh "$events" "$events" "$out" 2>&1 |

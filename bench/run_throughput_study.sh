@@ -4,13 +4,15 @@
 #
 #   bench/run_throughput_study.sh MU200_EVENTS MU50_EVENTS [OUT_DIR]
 #
-# Writes throughput-<card>-<n>gpu-mu<mu>[-mps].json (bench/throughput_study.py) for every GPU count n
-# in COUNTS (default: 1 and the number of GPUS; the first n of GPUS are used). Environment: GPUS
-# (default "0 1"), COUNTS, MUS ("200 50"), INSTANCES ("8"), BATCH ("4 8"), WINDOW_S (10),
-# BACKEND (cupy), PYTHON (python3); PAIRS (e.g. "8x8 4x16": exactly these instances x batch pairs
-# instead of the INSTANCES x BATCH grid); MPS=1 (workers under the CUDA Multi-Process Service, --mps;
-# needs nvidia-cuda-mps-control); PRODUCERS (closed-loop producer processes, default 1);
-# BROKER_PER_GPU=1 (one broker per GPU, the producers share events among them).
+# Writes throughput-<card>-<n>gpu-mu<mu>[-mps][-broker-per-gpu].json (bench/throughput_study.py) for
+# every GPU count n in COUNTS (default: 1 and the number of GPUS; the first n of GPUS are used).
+# Defaults are the setup that gave the best throughput (bench/RESULTS.md): workers under CUDA MPS when
+# nvidia-cuda-mps-control is on PATH, one broker per GPU, 4 producer processes, and the instances x
+# batch pairs 8x8, 16x8 and 8x16 (the best pair is reported, every pair is in the file's grid).
+# Environment: GPUS (default "0 1"), COUNTS, MUS ("200 50"), PAIRS ("8x8 16x8 8x16"; empty: the
+# INSTANCES x BATCH grid, defaults "8" x "4 8"), WINDOW_S (10), BACKEND (cupy), PYTHON (python3);
+# MPS (1: require MPS, 0: time-sliced workers; default: 1 when available); BROKER_PER_GPU (1; 0: one
+# broker for all GPUs); PRODUCERS (closed-loop producer processes, 4).
 # Needs pyzmq and supervisor importable (see ../shared/device/README.md
 # on the GPU machine) and CuPy.
 set -euo pipefail
@@ -23,10 +25,15 @@ py=${PYTHON:-python3}
 cd "$here"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 grid=(--instances ${INSTANCES:-8} --batch ${BATCH:-4 8})
-[ -n "${PAIRS:-}" ] && grid=(--pairs $PAIRS)
+pairs=${PAIRS-8x8 16x8 8x16}
+[ -n "$pairs" ] && grid=(--pairs $pairs)
+if [ -z "${MPS:-}" ]; then
+  command -v nvidia-cuda-mps-control >/dev/null && MPS=1 || MPS=0
+  echo "run_throughput_study: MPS=$MPS (nvidia-cuda-mps-control $([ "$MPS" = 1 ] || echo "not ")found)" >&2
+fi
 mps=()
-[ "${MPS:-0}" = 1 ] && mps=(--mps)
-[ "${BROKER_PER_GPU:-0}" = 1 ] && mps+=(--broker-per-gpu)
+[ "$MPS" = 1 ] && mps=(--mps)
+[ "${BROKER_PER_GPU:-1}" = 1 ] && mps+=(--broker-per-gpu)
 counts=(${COUNTS:-$( [ "${#gpus[@]}" -gt 1 ] && echo "1 ${#gpus[@]}" || echo 1 )})
 for n in "${counts[@]}"; do
   [ "$n" -ge 1 ] && [ "$n" -le "${#gpus[@]}" ] || { echo "COUNTS: $n is not between 1 and ${#gpus[@]}" >&2; exit 2; }
@@ -36,6 +43,6 @@ for mu in ${MUS:-200 50}; do
   for n in "${counts[@]}"; do
     # shellcheck disable=SC2086
     "$py" bench/throughput_study.py --input "$events" --mu "$mu" --gpus ${gpus[@]:0:$n} "${grid[@]}" \
-      ${mps[@]+"${mps[@]}"} --producers "${PRODUCERS:-1}" --seconds "${WINDOW_S:-10}" --backend "${BACKEND:-cupy}" --warmup-s 3 --out "$out"
+      ${mps[@]+"${mps[@]}"} --producers "${PRODUCERS:-4}" --seconds "${WINDOW_S:-10}" --backend "${BACKEND:-cupy}" --warmup-s 3 --out "$out"
   done
 done
