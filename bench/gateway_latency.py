@@ -30,7 +30,10 @@ same rounds (paths ``...@baseline``).
 
 On a small machine placement decides how fast 10 MB cross loopback, so ``--cpus`` pins the client and
 the worker to one core and the gateway and the broker to another (on a 2-core VM a gRPC request whose
-sender and receiver share a core takes ~25 ms instead of ~10).
+sender and receiver share a core takes ~25 ms instead of ~10). That placement also makes ``fleet``
+exceed ``direct`` by ~3-4 ms: the gateway's send of the event to the broker shares the broker's core,
+where ``direct`` sends from the other one; with ``--cpus ''`` or ``--cpus 0:1:0`` the two are equal
+(the hop into the gateway's broker thread itself costs no measurable time).
 
     .venv/bin/python bench/gateway_latency.py [--requests 40] [--baseline DIR] [--json OUT]
 """
