@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from host_kernels import build, compiler, launcher  # noqa: E402
 
-from kernels import ckf, fused, fused_fit, fused_seeding  # noqa: E402
+from kernels import ckf, fused, fused_fit, fused_prune, fused_seeding  # noqa: E402
 from kernels.pipeline import STAGES, Chain, ChainConfig  # noqa: E402
 from producer.io.detector import find_detector_files, load_detector  # noqa: E402
 from producer.io.events import discover, load_cells  # noqa: E402
@@ -40,6 +40,7 @@ def use_host_kernels() -> None:
     """Route every fused launch to a host build of the CUDA source and switch the fused paths on."""
     fused._launch = launcher(build(fused._SOURCE))
     fused_seeding._launch = launcher(build(fused_seeding._SOURCE))
+    fused_prune._launch = launcher(build(fused_prune._SOURCE))
     fit_lib = build(fused_fit.full_source())
 
     class _Fit:

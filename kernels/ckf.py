@@ -27,7 +27,7 @@ from types import ModuleType
 
 import numpy as np
 
-from kernels import fused
+from kernels import fused, fused_prune
 from kernels.candidates import CHI2, COV, HOLES, M1, M2, MODULE, N_MEAS, NODE, PARAMS, S_DONE, Candidates
 from kernels.detector import Detector
 from kernels.edm.measurements import Measurements, Spacepoints
@@ -265,14 +265,33 @@ def find_tracks(
         with section("finding.step"):
             done, state = step(ctx, state, nodes)
         finished.extend(done)
-        if state.size and cfg.merge_duplicates:
-            with section("finding.merge"):
-                state = _merge_duplicates(xp, state, meas.size)
         if state.size:
-            state = _cap_per_seed(xp, state, cfg.max_branches_per_seed)
+            with section("finding.prune"):
+                state = _prune(xp, state, meas.size, seeds.size, cfg)
     if state.size:
         finished.append(state)
     return _collect(xp, nodes, finished, cfg)
+
+
+def _prune(
+    xp: ModuleType, state: Candidates, n_meas_total: int, n_seeds: int, cfg: FindingConfig
+) -> Candidates:
+    """The live candidates after a step's duplicate merge (when configured) and per-seed cap, in row
+    order; on the GPU in a few kernels (kernels/fused_prune.py) that keep the same rows."""
+    if fused.enabled(xp):
+        rows = fused_prune.prune(
+            xp,
+            state.real,
+            state.index,
+            n_meas_total,
+            n_seeds,
+            cfg.max_branches_per_seed,
+            cfg.merge_duplicates,
+        )
+        return state.take(rows)
+    if cfg.merge_duplicates:
+        state = _merge_duplicates(xp, state, n_meas_total)
+    return _cap_per_seed(xp, state, cfg.max_branches_per_seed)
 
 
 def _merge_duplicates(xp: ModuleType, state: Candidates, n_meas_total: int) -> Candidates:
@@ -297,7 +316,7 @@ def _cap_per_seed(xp: ModuleType, state: Candidates, max_per_seed: int) -> Candi
     order = argsort_stable(xp, state.chi2)
     major = seed * 1024 + (1023 - xp.minimum(state.n_meas, 1023))
     order = order[argsort_stable(xp, major[order])]
-    keep = order[rank_in_segment(xp, seed[order]) < max_per_seed]
+    keep = xp.sort(order[rank_in_segment(xp, seed[order]) < max_per_seed])
     return state.take(keep)
 
 

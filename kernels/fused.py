@@ -11,12 +11,11 @@ Fast paths are looked up through :func:`enabled`; set ``TRACKFLEET_FUSED=0`` (or
 
 from __future__ import annotations
 
-import importlib
-import math
 import os
 from types import ModuleType
 from typing import Any
 
+from kernels.cuda_module import CudaModule
 from kernels.xp import Array
 
 _ENABLED = os.environ.get("TRACKFLEET_FUSED", "1") != "0"
@@ -493,7 +492,7 @@ extern "C" __global__ void chi2_only(
 
 _C_LIGHT = 0.299792458e-3
 _FD_STEPS = (1e-4, 1e-4, 1e-7, 1e-7, 1e-6)
-_MODULE: Any = None
+_CUDA = CudaModule(_SOURCE, _BLOCK)
 
 
 def set_enabled(flag: bool) -> None:
@@ -507,18 +506,8 @@ def enabled(xp: ModuleType) -> bool:
     return _ENABLED and xp.__name__.split(".")[0] == "cupy"
 
 
-def _kernel(name: str) -> Any:
-    global _MODULE
-    if _MODULE is None:
-        cupy = importlib.import_module("cupy")
-        _MODULE = cupy.RawModule(code=_SOURCE, options=("--std=c++14",))
-    return _MODULE.get_function(name)
-
-
 def _launch(name: str, n: int, args: tuple) -> None:
-    if n == 0:
-        return
-    _kernel(name)((math.ceil(n / _BLOCK),), (_BLOCK,), args)
+    _CUDA.launch(name, n, args)
 
 
 def _f64(xp: ModuleType, a: Array) -> Array:

@@ -10,12 +10,12 @@ each step's prediction and Jacobian from them instead of storing three more arra
 
 from __future__ import annotations
 
-import importlib
 import math
 from types import ModuleType
 from typing import Any
 
 from kernels import fused
+from kernels.cuda_module import CudaModule
 from kernels.xp import Array
 
 _FIT_SOURCE = r"""
@@ -184,7 +184,6 @@ extern "C" __global__ void fit_tracks(
 }
 """
 
-_MODULE: Any = None
 _BLOCK = 64
 
 
@@ -192,12 +191,11 @@ def full_source() -> str:
     return fused._SOURCE + _FIT_SOURCE
 
 
+_CUDA = CudaModule(full_source, _BLOCK)
+
+
 def _kernel() -> Any:
-    global _MODULE
-    if _MODULE is None:
-        cupy = importlib.import_module("cupy")
-        _MODULE = cupy.RawModule(code=full_source(), options=("--std=c++14",))
-    return _MODULE.get_function("fit_tracks")
+    return _CUDA.function("fit_tracks")
 
 
 def fit_tracks(

@@ -16,12 +16,12 @@ Memory is the exact doublet and triplet count, not a bound on candidates: no chu
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 from types import ModuleType
 from typing import Any
 
+from kernels.cuda_module import CudaModule
 from kernels.edm.measurements import Spacepoints
 from kernels.edm.seeds import Seeds
 from kernels.profiling import section
@@ -289,20 +289,11 @@ extern "C" __global__ void select_seeds(
 }
 """
 
-_MODULE: Any = None
-
-
-def _kernel(name: str) -> Any:
-    global _MODULE
-    if _MODULE is None:
-        cupy = importlib.import_module("cupy")
-        _MODULE = cupy.RawModule(code=_SOURCE, options=("--std=c++14",))
-    return _MODULE.get_function(name)
+_CUDA = CudaModule(_SOURCE, _BLOCK)
 
 
 def _launch(name: str, n: int, args: tuple) -> None:
-    if n > 0:
-        _kernel(name)((math.ceil(n / _BLOCK),), (_BLOCK,), args)
+    _CUDA.launch(name, n, args)
 
 
 def _exclusive(xp: ModuleType, counts: Array) -> tuple[Array, int]:

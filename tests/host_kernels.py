@@ -22,6 +22,15 @@ using std::fmax; using std::fmin; using std::asin; using std::log; using std::is
 #define __global__
 struct Dim { int x; };
 static thread_local Dim blockIdx{0}, threadIdx{0}, blockDim{1};
+// the host runs the threads one after another, so an atomic is a plain read-modify-write
+#include <cstring>
+inline long long __double_as_longlong(double d) { long long b; std::memcpy(&b, &d, 8); return b; }
+inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long cmp, unsigned long long v) {
+  unsigned long long old = *a; if (old == cmp) *a = v; return old; }
+inline unsigned long long atomicMin(unsigned long long* a, unsigned long long v) {
+  unsigned long long old = *a; if (v < old) *a = v; return old; }
+inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
+  unsigned long long old = *a; *a = old + v; return old; }
 """
 
 

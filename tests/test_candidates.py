@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from host_kernels import build, compiler, launcher
 
-from kernels.candidates import Candidates
+from kernels import fused_prune
+from kernels.candidates import NODE, Candidates
 from kernels.ckf import _cap_per_seed, _merge_duplicates
 from kernels.segments import rank_in_segment
 from kernels.xp import argsort_stable, to_numpy
@@ -64,4 +67,21 @@ def test_merge_and_cap_select_what_lexsort_selects(xp):
     seed_sorted = c["seed"][order]
     starts = np.r_[True, seed_sorted[1:] != seed_sorted[:-1]]
     rank = np.arange(len(order)) - np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
-    np.testing.assert_array_equal(to_numpy(capped.node), c["node"][order[rank < 2]])
+    np.testing.assert_array_equal(to_numpy(capped.node), c["node"][np.sort(order[rank < 2])])
+
+
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("n", [0, 1, 700])
+def test_fused_prune_keeps_the_rows_the_array_code_keeps(xp, monkeypatch, merge, n):
+    """The hash-and-atomics pruning kernels (on the GPU, or compiled for the host) against the sorts."""
+    if xp is np:
+        if compiler() is None:
+            pytest.skip("no C++ compiler")
+        monkeypatch.setattr(fused_prune, "_launch", launcher(build(fused_prune._SOURCE)))
+    cands, _ = _random(xp, n, seed=5)
+    cands.index[:, NODE] = xp.arange(n)  # row identity
+    n_total = 6
+    ref = _merge_duplicates(xp, cands, n_total) if merge else cands
+    ref = _cap_per_seed(xp, ref, 2) if n else ref
+    rows = fused_prune.prune(xp, cands.real, cands.index, n_total, 20, 2, merge)
+    np.testing.assert_array_equal(to_numpy(rows), to_numpy(ref.node))

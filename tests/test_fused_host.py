@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from host_kernels import build, compiler, launcher
 
-from kernels import fused, fused_fit, fused_seeding
+from kernels import fused, fused_fit, fused_prune, fused_seeding
 from kernels.pipeline import Chain, ChainConfig
 from producer.io.events import discover, load_cells
 
@@ -22,6 +22,7 @@ def host_fused(monkeypatch):
     """Route every fused launch to the host build and switch the fused paths on for numpy."""
     monkeypatch.setattr(fused, "_launch", launcher(build(fused._SOURCE)))
     monkeypatch.setattr(fused_seeding, "_launch", launcher(build(fused_seeding._SOURCE)))
+    monkeypatch.setattr(fused_prune, "_launch", launcher(build(fused_prune._SOURCE)))
     fit_lib = build(fused_fit.full_source())
 
     class _Fit:
