@@ -177,6 +177,12 @@ class _Nodes:
         self.count += n
         return ids
 
+    def append(self, parent: Array, meas: Array) -> None:
+        """Append entries whose ids the caller assigned (count, count + 1, ...); int64 arrays."""
+        self.parent.append(parent)
+        self.meas.append(meas)
+        self.count += int(parent.shape[0])
+
     def arrays(self) -> tuple[Array, Array]:
         xp = self.xp
         if not self.parent:
@@ -555,24 +561,12 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
     del res, flags, ends, where, picked, lone_table, child_rows
     if b2 > b1:
         with section("finding.overlap_search"):
+            # the children that find a second measurement on their layer take it in place
             ov = fused.layer_search(
                 xp, det, geo, geo.nav, children.real, children.index, child_layer, 1,
-                ctx.mkey, meas, mv0, mv1, cfg, 1, NEWTON_STEPS,
+                ctx.mkey, meas, mv0, mv1, cfg, 1, NEWTON_STEPS, rows=True, node_base=nodes.count,
             )  # fmt: skip
-        hit = xp.nonzero(ov["n_found"] > 0)[0]
-        if hit.shape[0]:
-            omi = ov["meas"][hit]
-            o_p, o_c, o_chi = update(
-                xp,
-                ov["params"][hit],
-                ov["cov"][hit],
-                meas.local0[omi],
-                meas.local1[omi],
-                mv0[omi],
-                mv1[omi],
-                meas.dimension[omi],
-            )
-            _extend(children, hit, o_p, o_c, o_chi, ov["module"][hit], omi, nodes)
+        nodes.append(ov["node_parent"], ov["meas"])
     return done, Candidates.concat(xp, [children, lone])
 
 

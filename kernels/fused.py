@@ -270,7 +270,8 @@ extern "C" __global__ void kalman_update(
 // (NODE keeps the parent's node: the caller links the child); a candidate without a measurement
 // continues on its nearest prediction (a hole when it crossed a module inside its bounds) or stays put
 // past a gap; a leaving candidate keeps its row. Flags: leaving, over max_holes, child valid, lone row
-// kept. The per-branch and nearest-module outputs are then not written.
+// kept. The per-branch and nearest-module outputs are then not written. With rows in mode 1 the
+// candidates are extended in place by their best overlap measurement.
 extern "C" __global__ void layer_search(
     const double* rot, const double* trans, const double* material, const double* half_u,
     const int* module_layer, const bool* l_is_disc, const double* l_pos, const double* l_lo, const double* l_hi,
@@ -284,7 +285,8 @@ extern "C" __global__ void layer_search(
     long long* o_layer, double* o_s_layer, int* o_n_found, long long* o_meas, double* o_chi2, int* o_module,
     double* o_params, double* o_cov, bool* o_crossed, int* o_near_module, double* o_near_params,
     double* o_near_cov, double* o_scat_cov, int rows, int max_holes, double* c_real, long long* c_index,
-    bool* c_ok, double* l_real, long long* l_index, bool* leaving, bool* too_many, bool* keep_lone) {
+    bool* c_ok, double* l_real, long long* l_index, bool* leaving, bool* too_many, bool* keep_lone,
+    long long node_base, long long* node_parent) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     // packed candidates (kernels/candidates.py): real row = params, cov, chi2, s_done; index row = module, event, ...
@@ -412,6 +414,26 @@ extern "C" __global__ void layer_search(
         }
     }
     o_n_found[i] = nf;
+    if (rows && mode == 1) {
+        // in place: the candidate (c_real/c_index are real/index) takes its best overlap measurement,
+        // linked as node node_base + i (o_meas, node_parent: the node table's new entries, -1 unused)
+        o_meas[i] = -1;
+        node_parent[i] = -1;
+        if (nf == 0) return;
+        long long mi = br_meas[0];
+        double* cr = c_real + 32 * (long)i;
+        long long* ci = c_index + 8 * (long)i;
+        double chi = update_(br_p[0], br_c[0], m0[mi], m1[mi], v0[mi], v1[mi], mdim[mi], cr, cr + 5);
+        cr[30] += chi;
+        o_meas[i] = mi;
+        node_parent[i] = ci[3];
+        ci[0] = br_mod[0];
+        ci[3] = node_base + i;
+        ci[4] += 1;
+        ci[7] = ci[6];
+        ci[6] = mi;
+        return;
+    }
     if (rows) {
         for (int q = 0; q < max_b; ++q) {
             long long c = (long long)i * max_b + q;
@@ -702,21 +724,28 @@ def layer_search(
     max_b: int,
     steps: int,
     rows: bool = False,
+    node_base: int = 0,
 ) -> dict[str, Array]:
     """One CKF layer step (mode 0) or overlap search (mode 1) for all packed candidates
     (``real``, ``index`` of :class:`kernels.candidates.Candidates`): see the kernel.
 
     With ``rows`` (mode 0), the result holds the next step's packed rows instead of the branches:
     ``c_real``/``c_index``/``c_ok`` (max_b slots per candidate), ``l_real``/``l_index`` (one per
-    candidate) and the flags ``leaving``, ``too_many``, ``keep_lone``; ``cfg.max_holes`` applies."""
+    candidate) and the flags ``leaving``, ``too_many``, ``keep_lone``; ``cfg.max_holes`` applies.
+    With ``rows`` in mode 1 (``max_b`` 1), every candidate that finds an overlap measurement takes it
+    in place (``real`` and ``index`` are updated; they must be contiguous float64 / int64) as node
+    ``node_base + row``; ``meas`` and ``node_parent`` are then the node table's next ``n`` entries
+    (-1 where nothing was found)."""
     n = int(real.shape[0])
     f64, i64, i32 = xp.float64, xp.int64, xp.int32
     if max_b > 4:
         raise ValueError("fused layer_search supports at most 4 branches per surface")
     if real.shape[1:] != (32,) or index.shape[1:] != (8,):
         raise ValueError("layer_search expects packed candidates: real [n, 32], index [n, 8]")
-    if rows and mode != 0:
-        raise ValueError("layer_search: rows only in mode 0")
+    in_place = rows and mode == 1
+    if in_place and (max_b != 1 or real.dtype != f64 or index.dtype != i64 or not real.flags.c_contiguous
+                     or not index.flags.c_contiguous):  # fmt: skip
+        raise ValueError("layer_search: the in-place overlap search needs max_b 1 and contiguous tables")
     # outputs a call does not write get one-row placeholders
     n_branch = 1 if rows else n * max_b
     n_near = n if mode == 0 and not rows else 1
@@ -724,7 +753,7 @@ def layer_search(
         "layer": xp.empty(n, i64),
         "s_layer": xp.empty(n, f64),
         "n_found": xp.empty(n, i32),
-        "meas": xp.empty(n_branch, i64),
+        "meas": xp.empty(n if in_place else n_branch, i64),
         "chi2": xp.empty(n_branch, f64),
         "module": xp.empty(n_branch, i32),
         "params": xp.empty((n_branch, 5), f64),
@@ -735,7 +764,7 @@ def layer_search(
         "near_cov": xp.zeros((n_near, 5, 5), f64),
         "scat_cov": xp.empty((n_near, 5, 5), f64),
     }
-    n_rows = n if rows else 1
+    n_rows = n if rows and not in_place else 1
     step_rows = {
         "c_real": xp.empty((n_rows * max_b, 32), f64),
         "c_index": xp.empty((n_rows * max_b, 8), i64),
@@ -788,9 +817,14 @@ def layer_search(
         out["scat_cov"],
         i32(1 if rows else 0),
         i32(cfg.max_holes if rows else 0),
-        *step_rows.values(),
     )
+    if in_place:
+        step_rows["c_real"], step_rows["c_index"] = real, index
+    node_parent = xp.empty(n if in_place else 1, i64)
+    args = (*args, *step_rows.values(), i64(node_base), node_parent)
     _launch("layer_search", n, args)
-    if rows:
+    if in_place:
+        out["node_parent"] = node_parent
+    elif rows:
         out.update(step_rows)
     return out
