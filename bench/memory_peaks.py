@@ -28,27 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from host_kernels import build, compiler, launcher  # noqa: E402
+from host_kernels import compiler, install  # noqa: E402
 
-from kernels import ckf, fused, fused_fit, fused_prune, fused_seeding  # noqa: E402
+from kernels import ckf, fused_seeding  # noqa: E402
 from kernels.pipeline import STAGES, Chain, ChainConfig  # noqa: E402
 from producer.io.detector import find_detector_files, load_detector  # noqa: E402
 from producer.io.events import discover, load_cells  # noqa: E402
-
-
-def use_host_kernels() -> None:
-    """Route every fused launch to a host build of the CUDA source and switch the fused paths on."""
-    fused._launch = launcher(build(fused._SOURCE))
-    fused_seeding._launch = launcher(build(fused_seeding._SOURCE))
-    fused_prune._launch = launcher(build(fused_prune._SOURCE))
-    fit_lib = build(fused_fit.full_source())
-
-    class _Fit:
-        def __call__(self, grid, block, args):
-            launcher(fit_lib)("fit_tracks", int(args[5]), args)
-
-    fused_fit._kernel = lambda: _Fit()
-    fused.enabled = lambda xp: True
 
 
 def main() -> int:
@@ -65,7 +50,7 @@ def main() -> int:
     det = load_detector(find_detector_files(sources[0].cells.parent)[0].parent)
     loaded = [load_cells(s, det) for s in sources]
     batch = [loaded[i % len(loaded)] for i in range(args.batch)]
-    use_host_kernels()
+    install()
     chain = Chain(np, det, ChainConfig())
 
     stage_peaks: list[int] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
+from kernels import fused, fused_ambiguity
 from kernels.errors import ConfigError
 from kernels.segments import segment_sum
 from kernels.xp import Array, repeat_index, scatter_min
@@ -63,6 +64,19 @@ def resolve(
     rank = xp.empty(n, dtype=xp.int64)
     rank[quality_order] = xp.arange(n, dtype=xp.int64)
     status = xp.where(length >= cfg.min_measurements, UNDECIDED, REMOVED).astype(xp.int8)
+    if fused.enabled(xp):
+        status = fused_ambiguity.decide(
+            xp,
+            offsets,
+            measurements,
+            owner,
+            rank,
+            status,
+            n_measurements_total,
+            cfg.max_shared,
+            cfg.max_rounds,
+        )
+        return status == KEPT
     r_row = rank[owner]
     big = n + 1
     for _ in range(cfg.max_rounds):

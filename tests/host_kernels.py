@@ -9,7 +9,9 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,3 +79,20 @@ def launcher(lib: ctypes.CDLL):
             getattr(lib, name)(*[_arg(a) for a in args], ctypes.c_int(n))
 
     return launch
+
+
+def install(set_attr: Callable[[Any, str, Any], None] = setattr) -> None:
+    """Route every fused launch of :mod:`kernels` to host builds and switch the fused paths on for
+    numpy (``set_attr``: ``setattr``, or pytest's ``monkeypatch.setattr`` to undo it after a test)."""
+    from kernels import fused, fused_ambiguity, fused_fit, fused_prune, fused_seeding
+
+    for module in (fused, fused_seeding, fused_prune, fused_ambiguity):
+        set_attr(module, "_launch", launcher(build(module._SOURCE)))
+    fit_lib = build(fused_fit.full_source())
+
+    class _Fit:
+        def __call__(self, grid, block, args):
+            launcher(fit_lib)("fit_tracks", int(args[5]), args)
+
+    set_attr(fused_fit, "_kernel", lambda: _Fit())
+    set_attr(fused, "enabled", lambda xp: True)

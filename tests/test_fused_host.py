@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from host_kernels import build, compiler, launcher
+from host_kernels import compiler, install
 
-from kernels import fused, fused_fit, fused_prune, fused_seeding
 from kernels.pipeline import Chain, ChainConfig
 from producer.io.events import discover, load_cells
 
@@ -20,17 +19,7 @@ pytestmark = pytest.mark.skipif(compiler() is None, reason="no C++ compiler")
 @pytest.fixture
 def host_fused(monkeypatch):
     """Route every fused launch to the host build and switch the fused paths on for numpy."""
-    monkeypatch.setattr(fused, "_launch", launcher(build(fused._SOURCE)))
-    monkeypatch.setattr(fused_seeding, "_launch", launcher(build(fused_seeding._SOURCE)))
-    monkeypatch.setattr(fused_prune, "_launch", launcher(build(fused_prune._SOURCE)))
-    fit_lib = build(fused_fit.full_source())
-
-    class _Fit:
-        def __call__(self, grid, block, args):
-            launcher(fit_lib)("fit_tracks", int(args[5]), args)
-
-    monkeypatch.setattr(fused_fit, "_kernel", lambda: _Fit())
-    monkeypatch.setattr(fused, "enabled", lambda xp: True)
+    install(monkeypatch.setattr)
 
 
 def _reconstruct(detector, events):
@@ -66,3 +55,21 @@ def test_seeding_in_small_blocks_and_chunks_gives_the_same_seeds(bundled, detect
     assert ref is not None and got is not None and ref.size > 1000
     for name in ("bottom", "middle", "top", "weight", "z_vertex", "event"):
         np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+
+
+@pytest.mark.parametrize("max_shared", [0, 2])
+def test_ambiguity_rounds_decide_as_the_array_code(request, max_shared):
+    """Random candidates competing for few measurements: long chains of conflicts, many rounds."""
+    from kernels.ambiguity import AmbiguityConfig, resolve
+
+    rng = np.random.default_rng(7)
+    length = rng.integers(3, 12, 400)
+    offsets = np.r_[0, np.cumsum(length)]
+    meas = rng.integers(0, 900, int(offsets[-1]))
+    chi2 = rng.integers(0, 5, 400).astype(float) * length  # ties on purpose
+    cfg = AmbiguityConfig(max_shared=max_shared, min_measurements=5)
+    ref = resolve(np, offsets, meas, chi2, 900, cfg)
+    request.getfixturevalue("host_fused")
+    got = resolve(np, offsets, meas, chi2, 900, cfg)
+    assert 0 < int(ref.sum()) < 400
+    np.testing.assert_array_equal(got, ref)
