@@ -14,7 +14,10 @@ One request at a time, paths taking turns in ``--rounds`` rounds after a warm-up
   extension / ``raw_input_contents``), all outputs binary: what a C++ client such as perf_analyzer
   costs, nearly;
 - ``http`` / ``grpc``: through the gateway with ``tritonclient``, which encodes every request (in
-  Python, it costs the client 5-15 ms more here).
+  Python, it costs the client 5-15 ms more here);
+- ``http_shm`` / ``grpc_shm``: ``tritonclient`` with every input and output in system shared memory,
+  registered and written once (``perf_analyzer --shared-memory system``): no tensor crosses the
+  socket (skipped for a ``--baseline`` gateway without the extension).
 
 ``added = median(path) - median(direct)`` is what a client pays for the gateway. The gateway process
 also times its part of every request (wrappers installed by this script, nothing in the product), as
@@ -77,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--paths",
         default="direct,http_raw,grpc_raw,http,grpc",
         help="what to time, comma-separated: direct, http_raw, grpc_raw (requests encoded once), "
-        "http, grpc (tritonclient)",
+        "http, grpc (tritonclient), http_shm, grpc_shm (tritonclient, tensors in system shared memory)",
     )
     p.add_argument(
         "--cpus",
@@ -498,11 +501,67 @@ def grpc_codec_times(tensors: dict[str, np.ndarray], n: int = 10) -> float:
     return median_ms(out)
 
 
+class Unsupported(Exception):
+    """The gateway under test lacks what a path needs (a baseline from before a feature)."""
+
+
+#: run at the end, whatever happens (shared memory regions to unlink)
+CLEANUP: list[Callable[[], None]] = []
+SHM_SLOT = 4 * 2**20  # shared memory per output [bytes] (the default answer's largest is ~0.5 MB)
+
+
+def shm_client(module_name: str) -> Callable[[int, dict[str, np.ndarray], list[str]], Call]:
+    """tritonclient with every input and output in system shared memory, registered and written once
+    (as perf_analyzer --shared-memory system does): only the requests' JSON / protobuf crosses the socket."""
+
+    def make(port: int, tensors: dict[str, np.ndarray], outputs: list[str]) -> Call:
+        import importlib
+
+        import tritonclient.utils.shared_memory as shm
+
+        mod = importlib.import_module(module_name)
+        http = module_name.endswith("http")
+        client = mod.InferenceServerClient(
+            f"127.0.0.1:{port}", **({"network_timeout": 120.0} if http else {})
+        )
+        meta = client.get_server_metadata() if http else client.get_server_metadata(as_json=True)
+        if "system_shared_memory" not in meta.get("extensions", []):
+            raise Unsupported("the gateway has no system_shared_memory extension")
+        tag = f"gateway-latency-{os.getpid()}-{port}"
+        sizes = {f"{tag}-in": sum(a.nbytes for a in tensors.values()), f"{tag}-out": SHM_SLOT * len(outputs)}
+        regions = {}
+        for name, size in sizes.items():
+            regions[name] = shm.create_shared_memory_region(name, "/" + name, size)
+            CLEANUP.append(lambda h=regions[name]: shm.destroy_shared_memory_region(h))
+            client.register_system_shared_memory(name, "/" + name, size)
+        inputs, offset = [], 0
+        for name, arr in tensors.items():
+            shm.set_shared_memory_region(regions[f"{tag}-in"], [arr], offset=offset)
+            t = mod.InferInput(name, list(arr.shape), DATATYPE[arr.dtype.str])
+            t.set_shared_memory(f"{tag}-in", arr.nbytes, offset=offset)
+            inputs.append(t)
+            offset += arr.nbytes
+        wanted = []
+        for i, o in enumerate(outputs):
+            r = mod.InferRequestedOutput(o)
+            r.set_shared_memory(f"{tag}-out", SHM_SLOT, offset=i * SHM_SLOT)
+            wanted.append(r)
+
+        def call(request_id: str) -> Any:
+            return client.infer("trackfleet", inputs, outputs=wanted, request_id=request_id)
+
+        return call
+
+    return make
+
+
 CLIENTS: dict[str, tuple[str, Callable[[int, dict[str, np.ndarray], list[str]], Call]]] = {
     "http_raw": ("http", raw_http),
     "grpc_raw": ("grpc", raw_grpc),
     "http": ("http", tritonclient_http),
     "grpc": ("grpc", tritonclient_grpc),
+    "http_shm": ("http", shm_client("tritonclient.http")),
+    "grpc_shm": ("grpc", shm_client("tritonclient.grpc")),
 }
 
 
@@ -607,11 +666,15 @@ def main(argv: list[str] | None = None) -> int:
             ports = json.loads(ep.read_text())
             for path in clients:
                 proto, make = CLIENTS[path]
-                calls[path + tag] = make(ports[proto], tensors, outputs)
+                try:
+                    calls[path + tag] = make(ports[proto], tensors, outputs)
+                except Unsupported as exc:
+                    print(f"{path + tag}: skipped ({exc})", flush=True)
+                    paths.remove(path + tag)
             deadline = time.monotonic() + 30
             while True:  # the first answer also proves the gateway ready
                 try:
-                    calls[clients[0] + tag]("warmup")
+                    next(calls[p + tag] for p in clients if p + tag in calls)("warmup")
                     break
                 except Exception:
                     if time.monotonic() > deadline:
@@ -631,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(p.startswith("grpc") for p in clients):
             results["grpc_protobuf_parse_ms"] = grpc_codec_times(tensors)
     finally:
-        for close in closers:
+        for close in closers + CLEANUP:
             close()
         if worker is not None:
             worker.stop.set()

@@ -8,6 +8,9 @@ One fleet (a broker and ``--workers`` workers, CuPy on GPU 0 by default) serves 
 2. **gateway**: Triton's perf_analyzer over gRPC (or HTTP, ``--protocol``) against ``trackfleet gateway`` on the same broker, one
    run per N (``--concurrency-range N:N``), fed the same events (``--input-data``, made by
    ``trackfleet gateway --export-perf-data``), with ``--collect-metrics`` from the gateway's metrics port.
+   ``--shared-memory system`` has perf_analyzer pass the tensors through system shared memory
+   (``/dev/shm``, the KServe extension the gateway implements): inputs are written there once and
+   outputs come back there (``--output-shm-bytes`` per output), so no tensor crosses the socket.
 
 The cost of the gateway at each N is ``1 - gateway / direct`` throughput; the verdict uses the saturated
 throughput (the best N of each). Everything is warmed up first (CuPy compiles kernels per shape, and
@@ -74,6 +77,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("grpc", "http"),
         default="grpc",
         help="perf_analyzer's protocol (default %(default)s)",
+    )
+    p.add_argument(
+        "--shared-memory",
+        choices=("none", "system"),
+        default="none",
+        help="perf_analyzer --shared-memory: 'system' passes inputs and outputs through /dev/shm "
+        "(client and gateway on one host; default %(default)s)",
+    )
+    p.add_argument(
+        "--output-shm-bytes",
+        type=int,
+        default=8 * 2**20,
+        help="with --shared-memory system: perf_analyzer --output-shared-memory-size, bytes per output "
+        "(a mu=200 event's largest output is a few MB; default %(default)s)",
     )
     p.add_argument(
         "--direct",
@@ -282,6 +299,13 @@ def perf_analyzer(
         "-f",
         str(csv_path),
     ]
+    if args.shared_memory != "none":
+        cmd += [
+            "--shared-memory",
+            args.shared_memory,
+            "--output-shared-memory-size",
+            str(args.output_shm_bytes),
+        ]
     say("perf_analyzer " + " ".join(cmd[1:]))
     log.write(f"\n$ {' '.join(cmd)}\n".encode())
     log.flush()
@@ -312,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     worker_args = ["--backend", args.backend, "--batch", str(args.batch)]
     fleet = LocalFleet(run / "fleet", worker_args=worker_args, detector=args.input)
     gateway = None
-    summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "protocol": args.protocol}
+    summary: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "protocol": args.protocol,
+        "shared_memory": args.shared_memory,
+    }
     try:
         fleet.start_broker()
         fleet.start_workers(args.workers)
@@ -427,7 +455,8 @@ def compare(direct: list[dict[str, Any]], pa_rows: list[dict[str, str]]) -> dict
 
 def markdown(s: dict[str, Any]) -> str:
     lines = [
-        f"# Gateway cost: perf_analyzer ({s.get('protocol', 'grpc')}, through the gateway) vs the fleet directly",
+        f"# Gateway cost: perf_analyzer ({s.get('protocol', 'grpc')}, shared memory "
+        f"{s.get('shared_memory', 'none')}, through the gateway) vs the fleet directly",
         "",
         f"direct measurement: {s.get('direct_method')}; saturated throughput direct {s.get('saturated_direct_eps')} "
         f"events/s, gateway {s.get('saturated_gateway_eps')} events/s, cost {s.get('saturated_cost')} "

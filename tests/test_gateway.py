@@ -151,8 +151,9 @@ def table_inputs(module, table: dict[str, np.ndarray], **kw) -> list:
     return out
 
 
-def cells_inputs(module, cells, **kw) -> list:
-    cols = {
+def cells_table(cells) -> dict[str, np.ndarray]:
+    """Cells as the columns of a cells table."""
+    return {
         "geometry_id": cells.geometry_id,
         "channel0": cells.channel0,
         "channel1": cells.channel1,
@@ -160,7 +161,10 @@ def cells_inputs(module, cells, **kw) -> list:
         "timestamp": cells.time,
         "measurement_id": cells.measurement_id,
     }
-    return table_inputs(module, cols, **kw)
+
+
+def cells_inputs(module, cells, **kw) -> list:
+    return table_inputs(module, cells_table(cells), **kw)
 
 
 def _np_dtype(datatype: str) -> np.dtype:
@@ -469,6 +473,154 @@ def test_kserve_errors_and_the_gateway_keeps_serving(app, event, module):
     # and the gateway still answers
     result = client.infer("trackfleet", good)
     assert result.as_numpy("TRACK_PARAMS").shape[0] > 100
+
+
+# --- system shared memory ---------------------------------------------------------------------------
+
+SLOT = 2**20  # bytes of shared memory per output (a bundled event's largest output is ~100 kB)
+
+
+@pytest.fixture
+def shm_regions():
+    """Creates system shared memory regions (keys unique to this process) and always destroys them."""
+    import tritonclient.utils.shared_memory as shm
+
+    handles = []
+
+    def create(name: str, byte_size: int):
+        handle = shm.create_shared_memory_region(name, f"/trackfleet-test-{os.getpid()}-{name}", byte_size)
+        handles.append(handle)
+        return handle
+
+    yield create
+    for handle in handles:
+        shm.destroy_shared_memory_region(handle)
+
+
+def _shm_infer(module, client, table, create, tag: str, in_shm: list[str]) -> dict[str, np.ndarray]:
+    """The cells table's inputs and the outputs ``in_shm`` through shared memory (the other outputs as
+    binary data); returns all outputs."""
+    import tritonclient.utils.shared_memory as shm
+
+    from producer.gateway.model import OUTPUTS
+
+    inputs = table_inputs(module, table)
+    arrays = [np.ascontiguousarray(table[column], dtype=_np_dtype(dt)) for _, column, dt in CELL_INPUTS]
+    sizes = [a.nbytes for a in arrays]
+    region_in = create(f"{tag}-in", sum(sizes))
+    region_out = create(f"{tag}-out", SLOT * len(OUTPUTS))
+    client.register_system_shared_memory(f"{tag}-in", region_in._shm_key, sum(sizes))
+    client.register_system_shared_memory(f"{tag}-out", region_out._shm_key, SLOT * len(OUTPUTS))
+    try:
+        offset = 0
+        for t, a in zip(inputs, arrays, strict=True):
+            shm.set_shared_memory_region(region_in, [a], offset=offset)
+            t.set_shared_memory(f"{tag}-in", a.nbytes, offset=offset)
+            offset += a.nbytes
+        outputs = []
+        for i, spec in enumerate(OUTPUTS):
+            o = module.InferRequestedOutput(
+                spec.name, **({"binary_data": True} if module is tritonclient_http else {})
+            )
+            if spec.name in in_shm:
+                o.set_shared_memory(f"{tag}-out", SLOT, offset=i * SLOT)
+            outputs.append(o)
+        result = client.infer("trackfleet", inputs, outputs=outputs)
+        got = {}
+        for i, spec in enumerate(OUTPUTS):
+            meta = result.get_output(spec.name)
+            if spec.name in in_shm:
+                shape = list(meta["shape"] if isinstance(meta, dict) else meta.shape)
+                got[spec.name] = shm.get_contents_as_numpy(
+                    region_out, _np_dtype(spec.datatype), shape, offset=i * SLOT
+                ).copy()
+            else:
+                got[spec.name] = result.as_numpy(spec.name)
+        return got
+    finally:
+        client.unregister_system_shared_memory(f"{tag}-in")
+        client.unregister_system_shared_memory(f"{tag}-out")
+
+
+@pytest.mark.parametrize("module", [tritonclient_http, tritonclient_grpc], ids=["http", "grpc"])
+def test_tensors_in_system_shared_memory_give_the_same_tracks(
+    app, event, reference, tmp_path, shm_regions, module
+):
+    # Given the server advertises the extension
+    client = http_client(app) if module is tritonclient_http else grpc_client(app)
+    meta = (
+        client.get_server_metadata()
+        if module is tritonclient_http
+        else client.get_server_metadata(as_json=True)
+    )
+    assert "system_shared_memory" in meta["extensions"]
+    table, cells = event
+    tracks, ref_dir = reference
+    # When every input and half of the outputs go through shared memory (the rest as binary data,
+    # so that gRPC's raw_output_contents must stay in output order); HTTP sends the CSV rows in file
+    # order (sorted and merged in the gateway), gRPC the sorted cells
+    in_shm = ["TRACK_PARAMS", "TRACK_COV", "TRACK_NDF", "MEASUREMENTS", "MEASUREMENT_TRUTH_ID"]
+    columns = table if module is tritonclient_http else cells_table(cells)
+    outputs = _shm_infer(module, client, columns, shm_regions, module.__name__.split(".")[-1], in_shm)
+    # Then the tracks are those of `trackfleet reconstruct`, and nothing stays registered
+    assert_identical(outputs, tracks, tmp_path, ref_dir)
+    status = client.get_system_shared_memory_status()
+    assert (status if module is tritonclient_http else list(status.regions)) == []
+
+
+@pytest.mark.parametrize("module", [tritonclient_http, tritonclient_grpc], ids=["http", "grpc"])
+def test_system_shared_memory_errors(app, event, shm_regions, module):
+    http = module is tritonclient_http
+    client = http_client(app) if http else grpc_client(app)
+    tag = "err-http" if http else "err-grpc"
+
+    def fails(call, status_http: str, status_grpc: str, text: str) -> None:
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        assert err.value.status() == (status_http if http else status_grpc), err.value
+        assert text in err.value.message(), err.value.message()
+
+    bad = ("400", "StatusCode.INVALID_ARGUMENT")
+    unknown = ("404", "StatusCode.NOT_FOUND")
+    region = shm_regions(tag, 4096)
+    key = region._shm_key
+    # registration: a key that is no file, one that is not a plain name, beyond the file, a taken name
+    fails(lambda: client.register_system_shared_memory(tag, key + "-gone", 16), *bad, "cannot open")
+    fails(lambda: client.register_system_shared_memory(tag, "../etc/passwd", 16), *bad, "plain name")
+    fails(lambda: client.register_system_shared_memory(tag, key, 4000, offset=100), *bad, "exceed the 4096")
+    client.register_system_shared_memory(tag, key, 4000, offset=96)
+    try:
+        fails(lambda: client.register_system_shared_memory(tag, key, 16), *bad, "already registered")
+        status = client.get_system_shared_memory_status(tag)
+        if http:
+            assert status == [{"name": tag, "key": key, "offset": 96, "byte_size": 4000}]
+        else:
+            assert status.regions[tag].byte_size == 4000 and status.regions[tag].key == key
+        # inference: an unknown region, a slice beyond the region, a byte size that is not the tensor's
+        inputs = _small_inputs(module)
+        inputs[3].set_shared_memory("nowhere", 40)
+        fails(lambda: client.infer("trackfleet", inputs), *bad, "no shared memory region 'nowhere'")
+        inputs[3].set_shared_memory(tag, 40, offset=3990)
+        fails(lambda: client.infer("trackfleet", inputs), *bad, "exceed the 4000 bytes")
+        inputs = _small_inputs(module)  # tritonclient keeps an old offset when the new one is 0
+        inputs[3].set_shared_memory(tag, 36)
+        fails(lambda: client.infer("trackfleet", inputs), *bad, "36 bytes of data")
+        # an output region too small for the output: named, with the bytes needed and given
+        _, cells = event
+        out = module.InferRequestedOutput("TRACK_COV")
+        out.set_shared_memory(tag, 64)
+        fails(
+            lambda: client.infer("trackfleet", cells_inputs(module, cells), outputs=[out]),
+            *bad,
+            "output 'TRACK_COV' needs",
+        )
+    finally:
+        client.unregister_system_shared_memory(tag)
+    # unregistering or asking for a name that is not registered
+    fails(lambda: client.unregister_system_shared_memory(tag), *unknown, f"no shared memory region '{tag}'")
+    fails(lambda: client.get_system_shared_memory_status(tag), *unknown, "is registered")
+    # and the gateway still answers
+    assert client.is_server_ready()
 
 
 def _raw_http(app, method: str, path: str, body: bytes = b"", headers: dict | None = None):

@@ -3,9 +3,12 @@
 The message classes and the servicer base come from ``tritonclient.grpc`` (the ``triton`` extra), so
 the service is Triton's own definition rather than a vendored copy of its protos; they are imported
 when a server is built, never at module import. Inputs may come as ``raw_input_contents`` (what
-tritonclient and perf_analyzer send) or as typed ``contents``; outputs always go back as
-``raw_output_contents``. Messages above the request limit are refused by gRPC itself
-(RESOURCE_EXHAUSTED); every other error is a status code with the gateway's message.
+tritonclient and perf_analyzer send), as typed ``contents``, or in system shared memory (the
+``shared_memory_*`` parameters, :mod:`producer.gateway.shm`; SystemSharedMemoryRegister / Unregister /
+Status manage the regions); outputs go back as ``raw_output_contents``, or are written to shared memory
+when a requested output names a region (its raw content is then empty). Messages above the request
+limit are refused by gRPC itself (RESOURCE_EXHAUSTED); every other error is a status code with the
+gateway's message.
 
 ModelInfer, the call that carries megabytes, skips protobuf for its tensors: gRPC hands the handler the
 message's bytes, :func:`split_infer_request` cuts the ``raw_input_contents`` out as views of them (the
@@ -20,12 +23,15 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from typing import Any
 
+import numpy as np
+
 from producer.gateway.model import MODEL_VERSION, InferError, RawInput
 from producer.gateway.service import Gateway
+from producer.gateway.shm import SharedMemoryRegistry, Slice
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ def import_stubs() -> tuple[Any, Any, Any, Any]:
 
 
 _SERVICE = "inference.GRPCInferenceService"
+_EMPTY = np.empty(0, np.uint8)  # the raw content of an output written to shared memory
 
 
 def _varint(mv: memoryview, pos: int) -> tuple[int, int]:
@@ -138,19 +145,40 @@ def encode_infer_response(response: Any, raw_field: int, outputs: list[Any]) -> 
     return b"".join(parts)
 
 
-def _inputs(request: Any, raw: list[Any] | None = None) -> list[RawInput]:
+def _parameters(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A map of InferParameter as plain Python values (unset ones left out)."""
+    out = {}
+    for key, p in params.items():
+        choice = p.WhichOneof("parameter_choice")
+        if choice is not None:
+            out[key] = getattr(p, choice)
+    return out
+
+
+def _inputs(request: Any, shm: SharedMemoryRegistry, raw: list[Any] | None = None) -> list[RawInput]:
+    """The request's inputs. As Triton (and tritonclient) have it, ``raw_input_contents`` belong to the
+    inputs not in shared memory, in order."""
     if raw is None:
         raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    targets = [
+        shm.slice(_parameters(t.parameters), f"input '{t.name}'") if t.parameters else None
+        for t in request.inputs
+    ]
+    n_plain = sum(target is None for target in targets)
+    if raw and len(raw) != n_plain:
         raise InferError(
-            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give raw contents for all "
-            "inputs or for none"
+            f"{len(raw)} raw_input_contents for {n_plain} inputs not in shared memory: give raw contents "
+            "for all of them or for none"
         )
     out = []
-    for i, t in enumerate(request.inputs):
+    plain = iter(raw)
+    for t, target in zip(request.inputs, targets, strict=True):
         shape = tuple(int(d) for d in t.shape)
+        if target is not None:
+            out.append(RawInput(t.name, t.datatype, shape, data=target.readonly))
+            continue
         if raw:
-            out.append(RawInput(t.name, t.datatype, shape, data=raw[i]))
+            out.append(RawInput(t.name, t.datatype, shape, data=next(plain)))
             continue
         field = _CONTENTS.get(t.datatype)
         if field is None or not t.HasField("contents"):
@@ -163,6 +191,8 @@ def build_servicer(gateway: Gateway) -> Any:
     """A ``GRPCInferenceServiceServicer`` that serves ``gateway``."""
     grpc, pb, pb_grpc, mc_pb = import_stubs()
     from google.protobuf import json_format
+
+    shm = gateway.shm
 
     def rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
         """InferError -> its status code; anything else -> INTERNAL, logged; the server carries on."""
@@ -184,22 +214,39 @@ def build_servicer(gateway: Gateway) -> Any:
     )
 
     def infer(request: Any, started: float, raw: list[Any] | None = None) -> tuple[Any, list[Any]]:
-        """The response without its raw contents, and the output arrays that belong there."""
+        """The response without its raw contents, and the output arrays that belong there (empty for
+        outputs written to shared memory: Triton keeps one raw content per output, in output order)."""
         requested = [o.name for o in request.outputs]
+        output_shm: dict[str, Slice] = {}
+        for o in request.outputs:
+            target = shm.slice(_parameters(o.parameters), f"output '{o.name}'") if o.parameters else None
+            if target is not None:
+                output_shm[o.name] = target
         result = gateway.infer(
             request.model_name,
             request.model_version,
-            _inputs(request, raw),
+            _inputs(request, shm, raw),
             requested or None,
             request_id=request.id,
             started=started,
+            output_shm=output_shm,
         )
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=MODEL_VERSION, id=result.request_id
         )
+        arrays = []
         for spec, arr in result.outputs:
-            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(arr.shape))
-        return response, [arr for _, arr in result.outputs]
+            out = response.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(arr.shape))
+            target = result.in_shm.get(spec.name)
+            if target is not None:
+                for key, value in target.parameters().items():
+                    if isinstance(value, str):
+                        out.parameters[key].string_param = value
+                    else:
+                        out.parameters[key].int64_param = value
+                arr = _EMPTY
+            arrays.append(arr)
+        return response, arrays
 
     def infer_response(request: Any, started: float) -> Any:
         response, arrays = infer(request, started)
@@ -284,11 +331,18 @@ def build_servicer(gateway: Gateway) -> Any:
 
         @rpc
         def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-            return pb.SystemSharedMemoryStatusResponse()
+            regions = {r["name"]: r for r in shm.status(request.name)}
+            return json_format.ParseDict({"regions": regions}, pb.SystemSharedMemoryStatusResponse())
+
+        @rpc
+        def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+            shm.register(request.name, request.key, request.offset, request.byte_size)
+            return pb.SystemSharedMemoryRegisterResponse()
 
         @rpc
         def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-            return pb.SystemSharedMemoryUnregisterResponse()  # nothing is ever registered
+            shm.unregister(request.name)
+            return pb.SystemSharedMemoryUnregisterResponse()
 
         @rpc
         def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:

@@ -9,6 +9,10 @@ Endpoints (``{m}`` the model name; ``/versions/{v}`` may follow it):
   input order). Outputs come back as binary data when the request asks for it (``binary_data`` per
   output, ``binary_data_output`` for all), otherwise as JSON ``data``.
 - ``POST /v2/repository/index``
+- ``POST /v2/systemsharedmemory/region/{r}/register`` (``{"key", "offset", "byte_size"}``),
+  ``POST /v2/systemsharedmemory[/region/{r}]/unregister``, ``GET /v2/systemsharedmemory[/region/{r}]/status``:
+  the system shared memory extension (:mod:`producer.gateway.shm`); inputs and requested outputs name a
+  region in their ``parameters`` instead of carrying data.
 
 Errors are ``{"error": "..."}`` with a status code: 400 bad request, 404 unknown model or path, 411 no
 length, 413 too large, 503 not ready / too busy, 504 fleet timeout, 500 internal. A body above the limit
@@ -25,15 +29,20 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
 from producer.gateway.model import InferError, RawInput, Status
 from producer.gateway.service import Gateway, InferResult
+from producer.gateway.shm import SharedMemoryRegistry, Slice
 
 log = logging.getLogger(__name__)
 
 _MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/[a-z]+)?$")
+_SHM = re.compile(
+    r"^/v2/systemsharedmemory(?:/region/(?P<name>[^/]+))?/(?P<action>status|register|unregister)$"
+)
 _DRAIN_BYTES = 256 * 2**20  # an oversized body up to this much beyond the limit is read and dropped
 
 
@@ -212,6 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         gw = self.server.gateway
         path = self.path.split("?", 1)[0].rstrip("/")
+        body = memoryview(b"")
         if method == "POST":
             n = self._length()
             if n is None:
@@ -233,6 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, gw.model_statistics())
         if method == "POST" and path == "/v2/repository/index":
             return self._json(200, gw.repository_index())
+        if (s := _SHM.match(path)) is not None:
+            return self._shared_memory(method, unquote(s["name"] or ""), s["action"], body)
         m = _MODEL.match(path)
         if m is None:
             raise InferError(f"no endpoint {method} {path}", Status.NOT_FOUND)
@@ -249,6 +261,25 @@ class _Handler(BaseHTTPRequestHandler):
             return self._infer(name, version, body)
         raise InferError(f"no endpoint {method} {path}", Status.NOT_FOUND)
 
+    def _shared_memory(self, method: str, name: str, action: str, body: memoryview) -> None:
+        """The system shared memory extension: register, unregister (one or all), status."""
+        shm = self.server.gateway.shm
+        if action == "status" and method == "GET":
+            return self._json(200, shm.status(name))
+        if action == "unregister" and method == "POST":
+            shm.unregister(name)
+            return self._send(200, [], "application/json")
+        if action == "register" and method == "POST" and name:
+            try:
+                request = json.loads(bytes(body) or b"{}")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InferError(f"the register request is not valid JSON: {exc}") from None
+            if not isinstance(request, dict):
+                raise InferError("the register request must be a JSON object")
+            shm.register(name, request.get("key"), request.get("offset", 0), request.get("byte_size"))
+            return self._send(200, [], "application/json")
+        raise InferError(f"no endpoint {method} {self.path}", Status.NOT_FOUND)
+
     def _infer(self, name: str, version: str, body: memoryview) -> None:
         started = time.perf_counter()
         gw = self.server.gateway
@@ -256,9 +287,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Encoding", "identity").lower() != "identity":
             raise InferError(f"Content-Encoding {self.headers.get('Content-Encoding')!r} is not supported")
         request, binary = _split_body(body, self.headers.get("Inference-Header-Content-Length"))
-        inputs, outputs, binary_all, request_id = _parse_request(request, binary)
+        inputs, outputs, binary_all, request_id, output_shm = _parse_request(request, binary, gw.shm)
         result = gw.infer(
-            name, version, inputs, [o for o, _ in outputs] or None, request_id=request_id, started=started
+            name,
+            version,
+            inputs,
+            [o for o, _ in outputs] or None,
+            request_id=request_id,
+            started=started,
+            output_shm=output_shm,
         )
         binary_of = dict(outputs)
         self._respond(name, result, lambda o: binary_of.get(o, binary_all))
@@ -270,7 +307,10 @@ class _Handler(BaseHTTPRequestHandler):
         outs, blobs = [], []
         for spec, arr in result.outputs:
             entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape)}
-            if is_binary(spec.name):
+            target = result.in_shm.get(spec.name)
+            if target is not None:  # the data is in the client's shared memory: metadata only
+                entry["parameters"] = target.parameters()
+            elif is_binary(spec.name):
                 blob = memoryview(arr).cast("B") if arr.size else b""
                 entry["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
@@ -319,9 +359,10 @@ def _params(obj: dict[str, Any], what: str) -> dict[str, Any]:
 
 
 def _parse_request(
-    request: dict[str, Any], binary: memoryview
-) -> tuple[list[RawInput], list[tuple[str, bool]], bool, str]:
-    """Inputs, requested outputs (name, binary?), the default for unnamed outputs, and the request id."""
+    request: dict[str, Any], binary: memoryview, shm: SharedMemoryRegistry
+) -> tuple[list[RawInput], list[tuple[str, bool]], bool, str, dict[str, Slice]]:
+    """Inputs, requested outputs (name, binary?), the default for unnamed outputs, the request id, and the
+    requested outputs to write to shared memory."""
     request_id = request.get("id", "")
     if not isinstance(request_id, str):
         raise InferError("'id' must be a string")
@@ -341,8 +382,12 @@ def _parse_request(
             isinstance(d, int) and not isinstance(d, bool) for d in shape
         ):
             raise InferError(f"input '{name}': 'shape' must be a list of integers")
-        size = _params(t, f"input '{name}'").get("binary_data_size")
-        if size is not None:
+        params = _params(t, f"input '{name}'")
+        size = params.get("binary_data_size")
+        target = shm.slice(params, f"input '{name}'")
+        if target is not None:
+            inputs.append(RawInput(name, datatype, tuple(shape), data=target.readonly))
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise InferError(
                     f"input '{name}': binary_data_size {size!r} does not fit the {len(binary) - offset} "
@@ -357,11 +402,16 @@ def _parse_request(
     if offset != len(binary):
         raise InferError(f"{len(binary) - offset} bytes of binary data belong to no input")
     outputs: list[tuple[str, bool]] = []
+    output_shm: dict[str, Slice] = {}
     raw_outputs = request.get("outputs", [])
     if not isinstance(raw_outputs, list):
         raise InferError("'outputs' must be a list")
     for i, o in enumerate(raw_outputs):
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise InferError(f"output {i} needs a string 'name'")
-        outputs.append((o["name"], bool(_params(o, f"output '{o['name']}'").get("binary_data", binary_all))))
-    return inputs, outputs, binary_all, request_id
+        params = _params(o, f"output '{o['name']}'")
+        outputs.append((o["name"], bool(params.get("binary_data", binary_all))))
+        target = shm.slice(params, f"output '{o['name']}'")
+        if target is not None:
+            output_shm[o["name"]] = target
+    return inputs, outputs, binary_all, request_id, output_shm

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,13 +35,14 @@ from producer.gateway.model import (
     outputs_from_tracks,
     pack_inputs,
 )
+from producer.gateway.shm import SharedMemoryRegistry, Slice, write_outputs
 from producer.gateway.stats import ModelStats, RequestTimes
 
 log = logging.getLogger(__name__)
 
 #: KServe extensions the gateway implements (perf_analyzer reads server statistics only when
 #: "statistics" is listed).
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "system_shared_memory")
 
 # fleet error code -> KServe error class
 _FLEET_ERRORS: dict[str, Status] = {
@@ -90,10 +91,12 @@ class GatewayConfig:
 
 @dataclass(frozen=True)
 class InferResult:
-    """A successful inference: the outputs in response order, the request id to echo."""
+    """A successful inference: the outputs in response order, the request id to echo, and where outputs
+    were written to shared memory instead (their data does not go in the response)."""
 
     outputs: list[tuple[TensorSpec, np.ndarray]]
     request_id: str = ""
+    in_shm: Mapping[str, Slice] = field(default_factory=dict)
 
 
 class Gateway:
@@ -116,6 +119,7 @@ class Gateway:
         client = replace(config.client, endpoint=config.broker, deadline_s=config.request_timeout_s)
         self.bridge = BrokerBridge(BridgeConfig(client=client, max_in_flight=config.max_in_flight), context)
         self.stats = ModelStats(config.model_name, MODEL_VERSION)
+        self.shm = SharedMemoryRegistry()
         params = {"broker": config.broker}
         if self.fingerprint:
             params["detector_fingerprint"] = self.fingerprint
@@ -127,8 +131,10 @@ class Gateway:
         self.bridge.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Fail what the fleet has not answered with UNAVAILABLE and close the broker sockets."""
+        """Fail what the fleet has not answered with UNAVAILABLE, close the broker sockets and unregister
+        the shared memory regions."""
         self.bridge.stop(timeout_s)
+        self.shm.unregister()
 
     # --- server and model endpoints -------------------------------------------------------------------
 
@@ -185,6 +191,7 @@ class Gateway:
         requested_outputs: Sequence[str] | None = None,
         request_id: str = "",
         started: float | None = None,
+        output_shm: Mapping[str, Slice] | None = None,
     ) -> InferResult:
         """Reconstruct one event.
 
@@ -194,6 +201,7 @@ class Gateway:
             requested_outputs: output names in response order (None or empty: all).
             request_id: echoed in the result.
             started: ``time.perf_counter()`` when the request arrived (default: now).
+            output_shm: requested outputs to write to shared memory instead of returning their data.
 
         Raises:
             InferError: a KServe error for the client; the request is counted as failed.
@@ -202,6 +210,7 @@ class Gateway:
         self.check_model(name, version)
         try:
             result, times = self._infer(inputs, requested_outputs, t0)
+            write_outputs(result, output_shm or {})
         except InferError:
             self.stats.record_failure(time.perf_counter() - t0)
             raise
@@ -210,7 +219,7 @@ class Gateway:
             self.stats.record_failure(time.perf_counter() - t0)
             raise InferError(f"internal error: {type(exc).__name__}: {exc}", Status.INTERNAL) from exc
         self.stats.record_success(times)
-        return InferResult(result, request_id)
+        return InferResult(result, request_id, output_shm or {})
 
     def _infer(
         self, inputs: Sequence[RawInput], requested: Sequence[str] | None, t0: float
