@@ -71,12 +71,15 @@ def test_bad_slices_and_names(registry):
 
 def test_unregistering_a_region_in_use_keeps_its_memory_until_the_request_is_done(registry):
     registry.register("r", "data", 0, 64)
-    tensor = np.frombuffer(
-        registry.slice({"shared_memory_region": "r", "shared_memory_byte_size": 64}, "x").data, np.uint8
-    )
-    registry.unregister("r")  # while a request still reads it
+    params = {"shared_memory_region": "r", "shared_memory_byte_size": 64}
+    tensor = np.frombuffer(registry.slice(params, "x").readonly, np.uint8)
+    target = registry.slice(params, "y")  # an output slice, not yet written
+    registry.unregister("r")  # while a request still reads one and will write the other
     assert registry.status() == []
     assert int(tensor.sum()) == sum(range(64))  # still mapped, no crash
+    target.data[:4] = b"abcd"
+    assert bytes(tensor[:4]) == b"abcd"
+    assert not tensor.flags.writeable  # inputs never change the client's memory
     registry.register("r", "data", 0, 64)  # the name is free again
 
 

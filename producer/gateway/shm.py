@@ -62,16 +62,14 @@ class Slice:
 
     Attributes:
         region: the region. offset: into the region [bytes]. byte_size: the tensor's space [bytes].
+        data: the slice's bytes, writable (where outputs go); taken when the slice is, so that it stays
+            valid if the region is unregistered meanwhile.
     """
 
     region: Region
     offset: int
     byte_size: int
-
-    @property
-    def data(self) -> memoryview:
-        """The slice's bytes, writable (where outputs go)."""
-        return self.region.data[self.offset : self.offset + self.byte_size]
+    data: memoryview
 
     @property
     def readonly(self) -> memoryview:
@@ -208,16 +206,16 @@ class SharedMemoryRegistry:
             parameters["shared_memory_byte_size"], f"{what}: shared_memory_byte_size"
         )
         offset = _non_negative_int(parameters.get("shared_memory_offset", 0), f"{what}: shared_memory_offset")
-        with self._lock:
+        with self._lock:  # the view is taken before an unregister can release the region's own
             region = self._regions.get(name)
-        if region is None:
-            raise InferError(f"{what}: no shared memory region '{name}' is registered")
-        if offset + byte_size > region.byte_size:
-            raise InferError(
-                f"{what}: shared_memory_offset {offset} + shared_memory_byte_size {byte_size} exceed the "
-                f"{region.byte_size} bytes of region '{name}'"
-            )
-        return Slice(region, offset, byte_size)
+            if region is None:
+                raise InferError(f"{what}: no shared memory region '{name}' is registered")
+            if offset + byte_size > region.byte_size:
+                raise InferError(
+                    f"{what}: shared_memory_offset {offset} + shared_memory_byte_size {byte_size} exceed "
+                    f"the {region.byte_size} bytes of region '{name}'"
+                )
+            return Slice(region, offset, byte_size, region.data[offset : offset + byte_size])
 
 
 def _release(region: Region) -> None:
