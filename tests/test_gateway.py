@@ -530,6 +530,8 @@ def _shm_infer(module, client, table, create, tag: str, in_shm: list[str]) -> di
         for i, spec in enumerate(OUTPUTS):
             meta = result.get_output(spec.name)
             if spec.name in in_shm:
+                if isinstance(meta, dict):  # HTTP: Triton's C++ client reads output parameters as binary data
+                    assert "parameters" not in meta, meta
                 shape = list(meta["shape"] if isinstance(meta, dict) else meta.shape)
                 got[spec.name] = shm.get_contents_as_numpy(
                     region_out, _np_dtype(spec.datatype), shape, offset=i * SLOT
@@ -566,6 +568,21 @@ def test_tensors_in_system_shared_memory_give_the_same_tracks(
     assert_identical(outputs, tracks, tmp_path, ref_dir)
     status = client.get_system_shared_memory_status()
     assert (status if module is tritonclient_http else list(status.regions)) == []
+
+
+@pytest.mark.parametrize("module", [tritonclient_http, tritonclient_grpc], ids=["http", "grpc"])
+def test_cuda_shared_memory_holds_nothing_and_is_refused(app, module):
+    """perf_analyzer unregisters CUDA regions too when it starts and stops: that must succeed."""
+    http = module is tritonclient_http
+    client = http_client(app) if http else grpc_client(app)
+    status = client.get_cuda_shared_memory_status()
+    assert (status if http else list(status.regions)) == []
+    client.unregister_cuda_shared_memory()
+    client.unregister_cuda_shared_memory("any")
+    if http:
+        with pytest.raises(InferenceServerException) as err:
+            client.register_cuda_shared_memory("r", b"handle", 0, 16)
+        assert err.value.status() == "400" and "not supported" in err.value.message()
 
 
 @pytest.mark.parametrize("module", [tritonclient_http, tritonclient_grpc], ids=["http", "grpc"])

@@ -12,7 +12,10 @@ Endpoints (``{m}`` the model name; ``/versions/{v}`` may follow it):
 - ``POST /v2/systemsharedmemory/region/{r}/register`` (``{"key", "offset", "byte_size"}``),
   ``POST /v2/systemsharedmemory[/region/{r}]/unregister``, ``GET /v2/systemsharedmemory[/region/{r}]/status``:
   the system shared memory extension (:mod:`producer.gateway.shm`); inputs and requested outputs name a
-  region in their ``parameters`` instead of carrying data.
+  region in their ``parameters`` instead of carrying data (an output written there comes back as
+  name, datatype and shape only: Triton's C++ client reads ``parameters`` as binary data).
+- ``/v2/cudasharedmemory/...``: no CUDA regions: status lists none, unregister succeeds (perf_analyzer
+  unregisters both kinds when it starts and stops), register is refused.
 
 Errors are ``{"error": "..."}`` with a status code: 400 bad request, 404 unknown model or path, 411 no
 length, 413 too large, 503 not ready / too busy, 504 fleet timeout, 500 internal. A body above the limit
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/[a-z]+)?$")
 _SHM = re.compile(
-    r"^/v2/systemsharedmemory(?:/region/(?P<name>[^/]+))?/(?P<action>status|register|unregister)$"
+    r"^/v2/(?P<kind>system|cuda)sharedmemory(?:/region/(?P<name>[^/]+))?/(?P<action>status|register|unregister)$"
 )
 _DRAIN_BYTES = 256 * 2**20  # an oversized body up to this much beyond the limit is read and dropped
 
@@ -244,6 +247,8 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and path == "/v2/repository/index":
             return self._json(200, gw.repository_index())
         if (s := _SHM.match(path)) is not None:
+            if s["kind"] == "cuda":
+                return self._cuda_shared_memory(method, s["action"])
             return self._shared_memory(method, unquote(s["name"] or ""), s["action"], body)
         m = _MODEL.match(path)
         if m is None:
@@ -280,6 +285,16 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, [], "application/json")
         raise InferError(f"no endpoint {method} {self.path}", Status.NOT_FOUND)
 
+    def _cuda_shared_memory(self, method: str, action: str) -> None:
+        """The CUDA shared memory endpoints of a gateway that holds no CUDA regions."""
+        if action == "status" and method == "GET":
+            return self._json(200, [])
+        if action == "unregister" and method == "POST":
+            return self._send(200, [], "application/json")
+        if action == "register" and method == "POST":
+            raise InferError("CUDA shared memory is not supported by this gateway; use system shared memory")
+        raise InferError(f"no endpoint {method} {self.path}", Status.NOT_FOUND)
+
     def _infer(self, name: str, version: str, body: memoryview) -> None:
         started = time.perf_counter()
         gw = self.server.gateway
@@ -307,9 +322,10 @@ class _Handler(BaseHTTPRequestHandler):
         outs, blobs = [], []
         for spec, arr in result.outputs:
             entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape)}
-            target = result.in_shm.get(spec.name)
-            if target is not None:  # the data is in the client's shared memory: metadata only
-                entry["parameters"] = target.parameters()
+            if spec.name in result.in_shm:
+                # the data is in the client's shared memory: name, datatype and shape only (Triton's
+                # C++ client reads any output "parameters" as binary data that follows the header)
+                pass
             elif is_binary(spec.name):
                 blob = memoryview(arr).cast("B") if arr.size else b""
                 entry["parameters"] = {"binary_data_size": len(blob)}
