@@ -298,6 +298,7 @@ def perf_analyzer(
         "1000",
         "-f",
         str(csv_path),
+        "--verbose-csv",  # the GPU metrics' columns are only in the verbose CSV
     ]
     if args.shared_memory != "none":
         cmd += [
