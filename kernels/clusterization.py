@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
+from kernels import fused, fused_clusterization
 from kernels.errors import ConfigError
 from kernels.xp import Array, scatter_min
 
@@ -106,8 +107,11 @@ def clusterize(
     if n == 0:
         return xp.zeros(0, dtype=xp.int64), 0
     keys = cell_keys(xp, module_key, channel0, channel1)
-    src, dst = neighbour_edges(xp, keys, channel0, channel1)
-    label = connected_components(xp, n, src, dst, config.max_iterations)
+    if fused.enabled(xp):
+        label = fused_clusterization.component_labels(xp, keys, channel0, channel1, CHANNEL_BITS)
+    else:
+        src, dst = neighbour_edges(xp, keys, channel0, channel1)
+        label = connected_components(xp, n, src, dst, config.max_iterations)
     is_root = label == xp.arange(n, dtype=xp.int32)
     rank = xp.cumsum(is_root) - 1
     return rank[label], int(rank[-1]) + 1

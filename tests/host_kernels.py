@@ -31,6 +31,7 @@ inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long cm
   unsigned long long old = *a; if (old == cmp) *a = v; return old; }
 inline unsigned long long atomicMin(unsigned long long* a, unsigned long long v) {
   unsigned long long old = *a; if (v < old) *a = v; return old; }
+inline int atomicCAS(int* a, int cmp, int v) { int old = *a; if (old == cmp) *a = v; return old; }
 inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
   unsigned long long old = *a; *a = old + v; return old; }
 """
@@ -84,9 +85,9 @@ def launcher(lib: ctypes.CDLL):
 def install(set_attr: Callable[[Any, str, Any], None] = setattr) -> None:
     """Route every fused launch of :mod:`kernels` to host builds and switch the fused paths on for
     numpy (``set_attr``: ``setattr``, or pytest's ``monkeypatch.setattr`` to undo it after a test)."""
-    from kernels import fused, fused_ambiguity, fused_fit, fused_prune, fused_seeding
+    from kernels import fused, fused_ambiguity, fused_clusterization, fused_fit, fused_prune, fused_seeding
 
-    for module in (fused, fused_seeding, fused_prune, fused_ambiguity):
+    for module in (fused, fused_seeding, fused_prune, fused_ambiguity, fused_clusterization):
         set_attr(module, "_launch", launcher(build(module._SOURCE)))
     fit_lib = build(fused_fit.full_source())
 

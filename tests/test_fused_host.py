@@ -73,3 +73,17 @@ def test_ambiguity_rounds_decide_as_the_array_code(request, max_shared):
     got = resolve(np, offsets, meas, chi2, 900, cfg)
     assert 0 < int(ref.sum()) < 400
     np.testing.assert_array_equal(got, ref)
+
+
+def test_cluster_labels_are_the_array_codes(request):
+    """Random dense cells on a few modules: large, snaking clusters and single cells alike."""
+    from kernels.clusterization import ClusteringConfig, clusterize
+
+    rng = np.random.default_rng(3)
+    cells = {(int(m), int(c1), int(c0)) for m, c1, c0 in rng.integers(0, [4, 40, 40], (3000, 3))}
+    module, c1, c0 = (np.array(col, dtype=np.int64) for col in zip(*sorted(cells), strict=True))
+    ref, n_ref = clusterize(np, module, c0.astype(np.int32), c1.astype(np.int32), ClusteringConfig())
+    request.getfixturevalue("host_fused")
+    got, n_got = clusterize(np, module, c0.astype(np.int32), c1.astype(np.int32), ClusteringConfig())
+    assert n_got == n_ref and 50 < n_ref < 2000
+    np.testing.assert_array_equal(got, ref)
