@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from kernels import fused, fused_measurements
 from kernels.detector import Detector, cell_to_local
 from kernels.edm.measurements import Measurements
 from kernels.xp import Array, scatter_add, scatter_max, scatter_min
@@ -61,6 +62,16 @@ def create_measurements(
         cluster: per cell cluster index in [0, n_clusters), clusters numbered by first cell.
         truth: per cell truth measurement id, or None.
     """
+    truth_id = (
+        majority_truth(xp, cluster, truth, n_clusters)
+        if truth is not None
+        else xp.full(n_clusters, -1, dtype=xp.int64)
+    )
+    if fused.enabled(xp):
+        m = fused_measurements.cluster_moments(
+            xp, det, module, event, channel0, channel1, activation, cluster, n_clusters
+        )
+        return Measurements(**m, truth_id=truth_id)
     l0, l1 = cell_to_local(xp, det, module, channel0, channel1)
     w = activation.astype(xp.float64)
     sw = _segment_sum(xp, cluster, w, n_clusters)
@@ -95,11 +106,6 @@ def create_measurements(
     var0 = xp.maximum(sw00 / sw_safe - mean0 * mean0, 0.0) * safe + pitch[:, 0] ** 2 / 12.0
     var1 = xp.maximum(sw11 / sw_safe - mean1 * mean1, 0.0) * safe + pitch[:, 1] ** 2 / 12.0
     dimension = det.dimension[mod].astype(xp.int8)
-    truth_id = (
-        majority_truth(xp, cluster, truth, n_clusters)
-        if truth is not None
-        else xp.full(n_clusters, -1, dtype=xp.int64)
-    )
     return Measurements(
         module=mod.astype(xp.int32),
         event=event[first].astype(xp.int32),

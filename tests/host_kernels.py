@@ -32,6 +32,10 @@ inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long cm
 inline unsigned long long atomicMin(unsigned long long* a, unsigned long long v) {
   unsigned long long old = *a; if (v < old) *a = v; return old; }
 inline int atomicCAS(int* a, int cmp, int v) { int old = *a; if (old == cmp) *a = v; return old; }
+inline double atomicAdd(double* a, double v) { double old = *a; *a = old + v; return old; }
+inline int atomicAdd(int* a, int v) { int old = *a; *a = old + v; return old; }
+inline int atomicMax(int* a, int v) { int old = *a; if (v > old) *a = v; return old; }
+inline int atomicMin(int* a, int v) { int old = *a; if (v < old) *a = v; return old; }
 inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
   unsigned long long old = *a; *a = old + v; return old; }
 """
@@ -85,9 +89,24 @@ def launcher(lib: ctypes.CDLL):
 def install(set_attr: Callable[[Any, str, Any], None] = setattr) -> None:
     """Route every fused launch of :mod:`kernels` to host builds and switch the fused paths on for
     numpy (``set_attr``: ``setattr``, or pytest's ``monkeypatch.setattr`` to undo it after a test)."""
-    from kernels import fused, fused_ambiguity, fused_clusterization, fused_fit, fused_prune, fused_seeding
+    from kernels import (
+        fused,
+        fused_ambiguity,
+        fused_clusterization,
+        fused_fit,
+        fused_measurements,
+        fused_prune,
+        fused_seeding,
+    )
 
-    for module in (fused, fused_seeding, fused_prune, fused_ambiguity, fused_clusterization):
+    for module in (
+        fused,
+        fused_seeding,
+        fused_prune,
+        fused_ambiguity,
+        fused_clusterization,
+        fused_measurements,
+    ):
         set_attr(module, "_launch", launcher(build(module._SOURCE)))
     fit_lib = build(fused_fit.full_source())
 

@@ -87,3 +87,33 @@ def test_cluster_labels_are_the_array_codes(request):
     got, n_got = clusterize(np, module, c0.astype(np.int32), c1.astype(np.int32), ClusteringConfig())
     assert n_got == n_ref and 50 < n_ref < 2000
     np.testing.assert_array_equal(got, ref)
+
+
+def test_measurements_are_the_array_codes(detector, request):
+    """Random clusters on real modules, some with zero total activation (the plain-mean fallback)."""
+    from kernels.clusterization import ClusteringConfig, clusterize
+    from kernels.measurement_creation import create_measurements
+
+    rng = np.random.default_rng(5)
+    det = detector.to(np)
+    mods = rng.choice(det.n_modules, 6, replace=False)
+    top = np.asarray(det.seg_bins)[mods].min(axis=0)
+    cells = {(int(m), int(c1), int(c0)) for m, c1, c0 in zip(
+        rng.choice(mods, 2000), rng.integers(0, min(40, top[1]), 2000), rng.integers(0, min(40, top[0]), 2000),
+        strict=True)}  # fmt: skip
+    module, c1, c0 = (np.array(col, dtype=np.int64) for col in zip(*sorted(cells), strict=True))
+    cluster, n_clusters = clusterize(np, module, c0, c1, ClusteringConfig())
+    act = rng.uniform(0.1, 2.0, module.shape[0]).astype(np.float32)
+    act[np.isin(cluster, np.arange(0, n_clusters, 7))] = 0.0
+    event = np.zeros(module.shape[0], np.int32)
+    args = (np, det, module.astype(np.int32), event, c0, c1, act, cluster, n_clusters, cluster * 3)
+    ref = create_measurements(*args)
+    request.getfixturevalue("host_fused")
+    got = create_measurements(*args)
+    for name in ("module", "event", "dimension", "n_cells", "extent0", "extent1", "truth_id"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+        assert getattr(got, name).dtype == getattr(ref, name).dtype, name
+    for name in ("local0", "local1", "var0", "var1"):
+        np.testing.assert_allclose(
+            getattr(got, name), getattr(ref, name), rtol=1e-12, atol=1e-12, err_msg=name
+        )
