@@ -179,3 +179,48 @@ def test_fit_kernel_matches_array_code(states, bundled, detector):
     ok = ref[4] > 0
     close([ref[0][ok], ref[1][ok], ref[2][ok]], [got[0][ok], got[1][ok], got[2][ok]], rtol=1e-5, atol=1e-9)
     np.testing.assert_array_equal(ref[3], got[3])
+
+
+def test_clusters_measurements_and_ambiguity_kernels_match_array_code(states, bundled, detector):
+    cp, _, _ = states
+    from kernels.ambiguity import AmbiguityConfig, resolve
+    from kernels.clusterization import ClusteringConfig, clusterize
+    from kernels.measurement_creation import create_measurements
+
+    cells = load_cells(discover(bundled)[0], detector)
+    det = detector.to(cp)
+    module = det.module_index(cp, cp.asarray(cells.geometry_id))
+    c0, c1 = cp.asarray(cells.channel0), cp.asarray(cells.channel1)
+    act = cp.asarray(cells.activation)
+    ref, got = both(lambda: clusterize(cp, module.astype(cp.int64), c0, c1, ClusteringConfig())[:1])
+    np.testing.assert_array_equal(got[0], ref[0])
+    cluster = cp.asarray(ref[0])
+    n_clusters = int(ref[0].max()) + 1
+    event = cp.zeros(module.shape[0], dtype=cp.int32)
+
+    def measure():
+        m = create_measurements(cp, det, module, event, c0, c1, act, cluster, n_clusters)
+        return [
+            m.module,
+            m.event,
+            m.dimension,
+            m.n_cells,
+            m.extent0,
+            m.extent1,
+            m.local0,
+            m.local1,
+            m.var0,
+            m.var1,
+        ]
+
+    ref, got = both(measure)
+    for a, b in zip(ref[:6], got[:6], strict=True):
+        np.testing.assert_array_equal(b, a)
+    close(ref[6:], got[6:])
+    rng = np.random.default_rng(7)
+    length = rng.integers(3, 12, 4000)
+    offsets = cp.asarray(np.r_[0, np.cumsum(length)])
+    meas = cp.asarray(rng.integers(0, 9000, int(length.sum())))
+    chi2 = cp.asarray(rng.integers(0, 5, 4000).astype(float) * length)
+    ref, got = both(lambda: [resolve(cp, offsets, meas, chi2, 9000, AmbiguityConfig(min_measurements=5))])
+    np.testing.assert_array_equal(got[0], ref[0])
