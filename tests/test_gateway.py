@@ -607,7 +607,8 @@ def test_system_shared_memory_errors(app, event, shm_regions, module):
     fails(lambda: client.register_system_shared_memory(tag, key, 4000, offset=100), *bad, "exceed the 4096")
     client.register_system_shared_memory(tag, key, 4000, offset=96)
     try:
-        fails(lambda: client.register_system_shared_memory(tag, key, 16), *bad, "already registered")
+        taken = ("400", "StatusCode.ALREADY_EXISTS")
+        fails(lambda: client.register_system_shared_memory(tag, key, 16), *taken, "already registered")
         status = client.get_system_shared_memory_status(tag)
         if http:
             assert status == [{"name": tag, "key": key, "offset": 96, "byte_size": 4000}]

@@ -76,6 +76,7 @@ class Status(Enum):
 
     INVALID_ARGUMENT = (400, "INVALID_ARGUMENT")
     NOT_FOUND = (404, "NOT_FOUND")
+    ALREADY_EXISTS = (400, "ALREADY_EXISTS")  # as Triton: HTTP has no better code for it
     TOO_LARGE = (413, "RESOURCE_EXHAUSTED")
     INTERNAL = (500, "INTERNAL")
     UNIMPLEMENTED = (501, "UNIMPLEMENTED")

@@ -123,7 +123,9 @@ class SharedMemoryRegistry:
         byte_size = _non_negative_int(byte_size, f"region '{name}': byte_size")
         with self._lock:
             if name in self._regions:
-                raise InferError(f"shared memory region '{name}' is already registered")
+                raise InferError(
+                    f"shared memory region '{name}' is already registered", Status.ALREADY_EXISTS
+                )
             data = self._map(name, key, self.root / m["file"], offset, byte_size)
             self._regions[name] = Region(name, key, offset, byte_size, data)
 
