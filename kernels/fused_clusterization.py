@@ -9,6 +9,9 @@ and a wait for the host. Here:
    only ever hook under smaller roots (``atomicCAS``), as ECL-CC does on GPUs;
 2. ``cluster_label`` (one thread per cell): the root of its tree.
 
+Finding a root halves the path on the way (every pointer moves to its grandparent), so the trees stay
+shallow even for one cluster of a whole lit-up module.
+
 A root is never hooked under a larger index, so every component ends with its smallest cell as root:
 the labels are exactly those of the array code, whatever order the threads run in.
 ``tests/test_fused_host.py`` and ``tests/test_fused.py`` check them against the array code.
@@ -22,10 +25,19 @@ from kernels.cuda_module import CudaModule
 from kernels.xp import Array
 
 _SOURCE = r"""
-__device__ __forceinline__ int root_(const int* parent, int x) {
-    int p = parent[x];
-    while (p != x) { x = p; p = parent[x]; }
-    return x;
+// The root of x's tree. Parents always have smaller indices than their children, so every pointer on
+// the way may be moved up to its grandparent (path halving): another thread can only have moved it to
+// another ancestor, and roots are never written here. This keeps trees shallow when one huge cluster
+// (a noisy module) would otherwise hook into a chain as long as the cluster.
+__device__ __forceinline__ int root_(int* parent, int x) {
+    int prev = x, cur = parent[x];
+    while (true) {
+        int next = parent[cur];
+        if (next == cur) return cur;
+        parent[prev] = next;
+        prev = cur;
+        cur = next;
+    }
 }
 
 extern "C" __global__ void cluster_unite(
@@ -53,7 +65,7 @@ extern "C" __global__ void cluster_unite(
     }
 }
 
-extern "C" __global__ void cluster_label(const int* parent, int n, int* label) {
+extern "C" __global__ void cluster_label(int* parent, int n, int* label) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     label[i] = root_(parent, i);

@@ -81,6 +81,8 @@ def test_cluster_labels_are_the_array_codes(request):
 
     rng = np.random.default_rng(3)
     cells = {(int(m), int(c1), int(c0)) for m, c1, c0 in rng.integers(0, [4, 40, 40], (3000, 3))}
+    # and one fully lit module (a single 200 x 200 cluster) and a 5000-cell line: deep trees if hooked naively
+    cells |= {(4, c1, c0) for c1 in range(200) for c0 in range(200)} | {(5, 7, c0) for c0 in range(5000)}
     module, c1, c0 = (np.array(col, dtype=np.int64) for col in zip(*sorted(cells), strict=True))
     ref, n_ref = clusterize(np, module, c0.astype(np.int32), c1.astype(np.int32), ClusteringConfig())
     request.getfixturevalue("host_fused")
