@@ -86,27 +86,28 @@ def launcher(lib: ctypes.CDLL):
     return launch
 
 
+def launched_modules() -> list[Any]:
+    """The kernel modules whose kernels go through their module's ``_launch`` (built from ``_SOURCE``);
+    :mod:`kernels.fused_fit` calls its kernel directly (source: ``full_source()``)."""
+    import importlib
+
+    names = (
+        "fused",
+        "fused_seeding",
+        "fused_prune",
+        "fused_ambiguity",
+        "fused_clusterization",
+        "fused_measurements",
+    )
+    return [importlib.import_module(f"kernels.{name}") for name in names]
+
+
 def install(set_attr: Callable[[Any, str, Any], None] = setattr) -> None:
     """Route every fused launch of :mod:`kernels` to host builds and switch the fused paths on for
     numpy (``set_attr``: ``setattr``, or pytest's ``monkeypatch.setattr`` to undo it after a test)."""
-    from kernels import (
-        fused,
-        fused_ambiguity,
-        fused_clusterization,
-        fused_fit,
-        fused_measurements,
-        fused_prune,
-        fused_seeding,
-    )
+    from kernels import fused, fused_fit
 
-    for module in (
-        fused,
-        fused_seeding,
-        fused_prune,
-        fused_ambiguity,
-        fused_clusterization,
-        fused_measurements,
-    ):
+    for module in launched_modules():
         set_attr(module, "_launch", launcher(build(module._SOURCE)))
     fit_lib = build(fused_fit.full_source())
 

@@ -14,16 +14,9 @@ import os
 from pathlib import Path
 
 import pytest
+from host_kernels import launched_modules
 
-from kernels import (
-    fused,
-    fused_ambiguity,
-    fused_clusterization,
-    fused_fit,
-    fused_measurements,
-    fused_prune,
-    fused_seeding,
-)
+from kernels import fused_fit
 
 
 def _nvrtc() -> ctypes.CDLL | None:
@@ -44,15 +37,8 @@ def _nvrtc() -> ctypes.CDLL | None:
 
 
 NVRTC = _nvrtc()
-SOURCES = {
-    "fused": lambda: fused._SOURCE,
-    "fused_seeding": lambda: fused_seeding._SOURCE,
-    "fused_fit": fused_fit.full_source,
-    "fused_prune": lambda: fused_prune._SOURCE,
-    "fused_ambiguity": lambda: fused_ambiguity._SOURCE,
-    "fused_clusterization": lambda: fused_clusterization._SOURCE,
-    "fused_measurements": lambda: fused_measurements._SOURCE,
-}
+SOURCES = {m.__name__.rsplit(".", 1)[-1]: (lambda m=m: m._SOURCE) for m in launched_modules()}
+SOURCES["fused_fit"] = fused_fit.full_source
 
 
 def _compile(lib: ctypes.CDLL, name: str, source: str) -> tuple[int, str]:
