@@ -19,9 +19,12 @@ nvidia-cuda-mps-control``). MPS remaps the daemon's visible devices, so the work
 or if no MPS server serves the workers once they are up, the study stops with an error (exit 2)
 rather than measuring without MPS. Every grid row and the result carry ``"mps"``.
 
-Writes ``throughput-<card>-<gpus>gpu-mu<mu>[-mps].json`` (keys: card, gpus, mu, mps, events_per_s,
-instances_per_gpu, batch, latency_ms_p50, latency_ms_p99, gpu_utilization, commit, date, command, plus
-the whole grid, memory and physics) into ``--out``.
+Writes ``throughput-<card>-<gpus>gpu-mu<mu>[-mps][-broker-per-gpu].json`` (keys: card, gpus, mu, mps,
+events_per_s, instances_per_gpu, batch, latency_ms_p50, latency_ms_p99, gpu_utilization, commit, date,
+command, plus the whole grid, memory and physics) into ``--out``. ``latency_parts_ms_low_load`` splits
+the low-load latency (one event in flight) into medians of the broker queue, the worker's own parts
+(queue, decode, each stage, packing, ``worker``) and ``outside_worker`` (latency minus the worker's
+time: the hops producer -> broker -> worker and back).
 
     python bench/throughput_study.py --input .devdata/mu200 --mu 200 --gpus 0 --instances 4 8 --batch 2 4
     python bench/throughput_study.py --input .devdata/mu200 --mu 200 --gpus 0 --pairs 8x8 4x16 --mps
@@ -111,8 +114,41 @@ def connect(endpoint: str | list[str]) -> FleetClient | ShardedClient:
     return ShardedClient(ClientConfig(), endpoint)
 
 
+class LatencyParts:
+    """Where the time of each event of a run went (an ``on_reply`` hook): the reply's end-to-end
+    latency, its time in the broker's queue and the worker's own timings (queue, decode, each stage,
+    packing, all of the worker); ``outside_worker`` is latency minus the worker's time: the hops
+    producer -> broker -> worker and back."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def __call__(self, reply: Any) -> None:
+        if reply.ok and reply.timings:
+            self.rows.append({"latency_s": reply.latency_s, "broker_queue_s": reply.queue_s, **reply.timings})
+
+    def medians_ms(self) -> dict[str, float]:
+        """Median of every part over the run [ms] (keys without the ``_s``)."""
+        keys = sorted({k for r in self.rows for k in r})
+        out = {
+            k.removesuffix("_s") + "_ms": round(
+                float(np.median([r[k] for r in self.rows if k in r])) * 1e3, 3
+            )
+            for k in keys
+        }
+        outside = [r["latency_s"] - r["worker_s"] for r in self.rows if "worker_s" in r]
+        if outside:
+            out["outside_worker_ms"] = round(float(np.median(outside)) * 1e3, 3)
+        return out
+
+
 def measure(
-    endpoint: str | list[str], events: list, concurrency: int, seconds: float, tracks_dir: str | None = None
+    endpoint: str | list[str],
+    events: list,
+    concurrency: int,
+    seconds: float,
+    tracks_dir: str | None = None,
+    on_reply: Any = None,
 ) -> dict:
     writer = TracksWriter(tracks_dir) if tracks_dir else None
     with connect(endpoint) as client:
@@ -125,7 +161,7 @@ def measure(
                 count=len(events) if tracks_dir else None,
                 progress=False,
             ),
-            on_reply=writer,
+            on_reply=writer if writer is not None else on_reply,
         )
         summary = run.run()
     if writer is not None:
@@ -406,10 +442,16 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
             grid.append(row)
             print(json.dumps(row), flush=True)
             if best is None or row["events_per_s"] > best["row"]["events_per_s"]:
-                low = measure(endpoint, events, 1, max(4.0, args.seconds / 2))
+                parts = LatencyParts()
+                low = measure(endpoint, events, 1, max(4.0, args.seconds / 2), on_reply=parts)
                 tracks = str(run_dir / "tracks")
                 measure(endpoint, events, conc, 0, tracks_dir=tracks)
-                best = {"row": row, "low_load_p50_ms": low["latency_ms"]["p50"], "tracks": tracks}
+                best = {
+                    "row": row,
+                    "low_load_p50_ms": low["latency_ms"]["p50"],
+                    "low_load_parts_ms": parts.medians_ms(),
+                    "tracks": tracks,
+                }
         finally:
             try:
                 for fleet in fleets:
@@ -433,6 +475,7 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
         "batch": r["batch"],
         "latency_ms_p50": best["low_load_p50_ms"],
         "latency_ms_p50_saturated": r["latency_ms_p50"],
+        "latency_parts_ms_low_load": best["low_load_parts_ms"],
         "latency_ms_p99": r["latency_ms_p99"],
         "gpu_utilization": r["gpu_utilization"],
         "gpu_memory_per_worker_bytes": r["gpu_memory_per_worker_bytes"],
