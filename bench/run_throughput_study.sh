@@ -12,7 +12,8 @@
 # Environment: GPUS (default "0 1"), COUNTS, MUS ("200 50"), PAIRS ("8x8 16x8 8x16"; empty: the
 # INSTANCES x BATCH grid, defaults "8" x "4 8"), WINDOW_S (10), BACKEND (cupy), PYTHON (python3);
 # MPS (1: require MPS, 0: time-sliced workers; default: 1 when available); BROKER_PER_GPU (1; 0: one
-# broker for all GPUs); PRODUCERS (closed-loop producer processes, 4).
+# broker for all GPUs); PRODUCERS (closed-loop producer processes, 4); IPC=1 (brokers on ipc://
+# endpoints instead of tcp://127.0.0.1).
 # Needs pyzmq and supervisor importable (see ../shared/device/README.md
 # on the GPU machine) and CuPy.
 set -euo pipefail
@@ -34,6 +35,7 @@ fi
 mps=()
 [ "$MPS" = 1 ] && mps=(--mps)
 [ "${BROKER_PER_GPU:-1}" = 1 ] && mps+=(--broker-per-gpu)
+[ "${IPC:-0}" = 1 ] && mps+=(--ipc)
 counts=(${COUNTS:-$( [ "${#gpus[@]}" -gt 1 ] && echo "1 ${#gpus[@]}" || echo 1 )})
 for n in "${counts[@]}"; do
   [ "$n" -ge 1 ] && [ "$n" -le "${#gpus[@]}" ] || { echo "COUNTS: $n is not between 1 and ${#gpus[@]}" >&2; exit 2; }

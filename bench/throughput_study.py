@@ -335,6 +335,12 @@ def main() -> int:
         help="one broker per GPU (each GPU's workers behind their own broker; the producers share events "
         "among them, producer/sharded.py)",
     )
+    ap.add_argument(
+        "--ipc",
+        action="store_true",
+        help="brokers bind ipc:// endpoints (Unix sockets) instead of tcp://127.0.0.1: everything runs on "
+        "one host, and large events cross faster",
+    )
     ap.add_argument("--seconds", type=float, default=12.0, help="measurement window [s]")
     ap.add_argument(
         "--producers", type=int, default=1, help="closed-loop producer processes sharing the load (default 1)"
@@ -377,8 +383,11 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
         ]
         mps = Mps(run_dir, args.gpus) if args.mps else None
         try:
-            for fleet in fleets:
-                fleet.start_broker()
+            for k, fleet in enumerate(fleets):
+                if args.ipc:
+                    fleet.start_broker(f"ipc://{run_dir}/front{k}.ipc", f"ipc://{run_dir}/back{k}.ipc")
+                else:
+                    fleet.start_broker()
             if mps is not None:
                 mps.start()
             with worker_environment(mps):
@@ -469,6 +478,7 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
         "gpus": len(args.gpus),
         "mu": args.mu,
         "mps": args.mps,
+        "transport": "ipc" if args.ipc else "tcp",
         "brokers": r["brokers"],
         "events_per_s": r["events_per_s"],
         "instances_per_gpu": r["instances_per_gpu"],
@@ -490,7 +500,11 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
         "command": " ".join(["python", *sys.argv]),
         "grid": grid,
     }
-    suffix = ("-mps" if args.mps else "") + ("-broker-per-gpu" if len(groups) > 1 else "")
+    suffix = (
+        ("-mps" if args.mps else "")
+        + ("-broker-per-gpu" if len(groups) > 1 else "")
+        + ("-ipc" if args.ipc else "")
+    )
     name = f"throughput-{r['card'].lower()}-{len(args.gpus)}gpu-mu{args.mu}{suffix}.json"
     (out / name).write_text(json.dumps(result, indent=1) + "\n")
     print("BEST", json.dumps({k: v for k, v in result.items() if k != "grid"}), flush=True)
