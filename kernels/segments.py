@@ -28,7 +28,7 @@ def expand_ranges(xp: ModuleType, starts: Array, counts: Array) -> tuple[Array, 
     if total == 0:
         empty = xp.zeros(0, dtype=xp.int64)
         return empty, empty
-    owner = repeat_index(xp, counts)
+    owner = repeat_index(xp, counts, total)
     first = offsets - counts
     item = xp.arange(total, dtype=xp.int64) - first[owner] + starts.astype(xp.int64)[owner]
     return owner, item

@@ -127,11 +127,16 @@ def argsort_stable(xp: ModuleType, a: Array) -> Array:
     return xp.argsort(a)
 
 
-def repeat_index(xp: ModuleType, counts: Array) -> Array:
-    """``repeat(arange(len(counts)), counts)`` (int64); CuPy's repeat takes no array of counts."""
+def repeat_index(xp: ModuleType, counts: Array, total: int | None = None) -> Array:
+    """``repeat(arange(len(counts)), counts)`` (int64); CuPy's repeat takes no array of counts.
+
+    Args:
+        total: ``counts.sum()`` when the caller knows it (on the GPU this saves a wait for the device).
+    """
     counts = counts.astype(xp.int64)
     if xp is np:
         return np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
     offsets = xp.cumsum(counts)
-    total = int(offsets[-1]) if counts.shape[0] else 0
+    if total is None:
+        total = int(offsets[-1]) if counts.shape[0] else 0
     return xp.searchsorted(offsets, xp.arange(total, dtype=xp.int64), side="right").astype(xp.int64)

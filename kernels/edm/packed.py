@@ -74,7 +74,9 @@ class PackedEvent:
         c = self.columns
         # module id of every cell from the run lengths, on the device: CuPy's repeat with per-element
         # counts is not a single kernel
-        geometry_id = asarray(xp, c["module_ids"])[repeat_index(xp, asarray(xp, c["module_counts"]))]
+        # (the unpacking checked that the counts add up to n_cells)
+        owner = repeat_index(xp, asarray(xp, c["module_counts"]), self.n_cells)
+        geometry_id = asarray(xp, c["module_ids"])[owner]
         mid = c.get("measurement_id")
         return Cells(
             geometry_id=geometry_id.astype(GEOMETRY_DTYPE, copy=False),
