@@ -378,6 +378,7 @@ def study(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> int:
                 run_dir / f"fleet{k}",
                 detector=Path(args.input),
                 worker_args=["--backend", args.backend, "--batch", str(b), "--capacity", str(2 * b)],
+                name_prefix=f"fleet{k}",
             )
             for k in range(len(groups))
         ]

@@ -591,6 +591,8 @@ class LocalFleet:
         detector: detector directory for the workers.
         python: interpreter.
         keys: :class:`~broker.security.ClientKeys` for STATS queries when the broker requires CURVE.
+        name_prefix: workers are named ``<name_prefix>-0``, ``-1``, ... (give fleets that run side by
+            side different prefixes, so that replies and metrics tell their workers apart).
     """
 
     def __init__(
@@ -601,8 +603,10 @@ class LocalFleet:
         detector: Path | None = None,
         python: str = sys.executable,
         keys: Any = None,
+        name_prefix: str = "local",
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.name_prefix = name_prefix
         self.keys = keys  # CURVE client keys for the fleet's own STATS queries
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.broker_args = list(broker_args)
@@ -692,7 +696,7 @@ class LocalFleet:
                     "--detector",
                     str(self.detector),
                     "--name",
-                    f"local-{i}",
+                    f"{self.name_prefix}-{i}",
                     *self.worker_args,
                     *extra_args,
                 ],

@@ -144,6 +144,7 @@ def make_fleet(tmp_path, cache_env):
             worker_args=[*FAST, *worker_args],
             detector=BUNDLED,
             keys=keys,
+            name_prefix=f"fleet{len(fleets)}",
         )
         fleets.append(fleet)
         fleet.start_broker()
@@ -300,6 +301,8 @@ def test_one_producer_over_two_brokers_exactly_once(make_fleet, events, referenc
     assert_exactly_once(summary, replies, count)
     served = [f.stats()["counters"]["completed"] for f in fleets]
     assert min(served) > 0 and sum(served) == count
+    # (the fleets name their workers apart: the replies say which fleet served them)
+    assert {r.worker for rs in replies.values() for r in rs if r.ok} == {"fleet0-0", "fleet1-0"}
     assert_same_dirs(tmp_path / "out", reference_small)
     # And the producer command does the same when --connect lists both
     import json
