@@ -11,31 +11,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from metrics_helpers import BUNDLED, small_events
 
 from broker.errors import ConfigError
-from kernels.edm.packed import pack_event
-from producer.client import ClientConfig, FleetClient, PackedInput, ProducerRun, Reply, RunConfig
-from producer.io.events import iter_cells
+from producer.client import ClientConfig, FleetClient, ProducerRun, Reply, RunConfig
 from producer.launch import FleetSpec, broker_stats, supervisord_config
-
-ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = ROOT / "data" / "generic-mu20"
-
-
-def small_events(det, n_cells: int = 100) -> list[PackedInput]:
-    """The bundled events cut to their first cells: cheap to reconstruct, same detector."""
-    cols = ("geometry_id", "channel0", "channel1", "activation", "time", "measurement_id")
-    out = []
-    for c in iter_cells(BUNDLED, det):
-        header, buffers = pack_event(
-            replace(c, **{k: getattr(c, k)[:n_cells] for k in cols}), det.fingerprint()
-        )
-        out.append(PackedInput(c.event_id, (header, *buffers)))
-    return out
 
 
 def free_port_base(n: int = 12) -> int:
@@ -163,7 +145,7 @@ def test_up_kill_9_worker_supervisord_restarts_it_no_event_lost(tmp_path, monkey
         pids_before = {w["info"]["pid"] for w in s["broker"]["workers"]}
 
         # stream small events while one worker is killed with SIGKILL
-        events = small_events(load_detector(BUNDLED))
+        events = small_events()
         victim = sorted(pids_before)[0]
         count, seen = 40, Counter()
         replies: dict[int, list[Reply]] = {}
