@@ -537,7 +537,6 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
             cfg,
             k_max,
             NEWTON_STEPS,
-            rows=True,
         )
     # one compaction of four flag vectors, in the order of the array step: leaving, over max_holes
     # (both done), children (ordered by candidate, then branch), candidates continuing without one
@@ -564,7 +563,7 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
             # the children that find a second measurement on their layer take it in place
             ov = fused.layer_search(
                 xp, det, geo, geo.nav, children.real, children.index, child_layer, 1,
-                ctx.mkey, meas, mv0, mv1, cfg, 1, NEWTON_STEPS, rows=True, node_base=nodes.count,
+                ctx.mkey, meas, mv0, mv1, cfg, 1, NEWTON_STEPS, node_base=nodes.count,
             )  # fmt: skip
         nodes.append(ov["node_parent"], ov["meas"])
     return done, Candidates.concat(xp, [children, lone])

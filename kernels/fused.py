@@ -265,13 +265,14 @@ extern "C" __global__ void kalman_update(
 // One CKF layer step for one candidate (mode 0), or the overlap search on its own layer (mode 1):
 // scattering, navigation to the next layer, the module grid, plane crossings and bounds, transport
 // to each searched module, and the best max_b measurements by chi^2 under chi2_max.
-// With rows (mode 0 only) the kernel also writes the packed rows of the next step
-// (kernels/candidates.py): slot q < n_found becomes a child with the Kalman update of its measurement
-// (NODE keeps the parent's node: the caller links the child); a candidate without a measurement
-// continues on its nearest prediction (a hole when it crossed a module inside its bounds) or stays put
-// past a gap; a leaving candidate keeps its row. Flags: leaving, over max_holes, child valid, lone row
-// kept. The per-branch and nearest-module outputs are then not written. With rows in mode 1 the
-// candidates are extended in place by their best overlap measurement.
+// Mode 0 writes the packed rows of the next step (kernels/candidates.py): slot q < n_found becomes a
+// child with the Kalman update of its measurement (NODE keeps the parent's node: the caller links the
+// child); a candidate without a measurement continues on its nearest prediction (a hole when it
+// crossed a module inside its bounds) or stays put past a gap; a leaving candidate keeps its row.
+// Flags: leaving, over max_holes, child valid, lone row kept; o_layer: the layer searched (-1: none).
+// Mode 1 (max_b 1) extends the candidates in place (c_real/c_index are real/index) by their best
+// measurement on another module of the same layer (layer_in), linked as node node_base + i;
+// o_meas / node_parent are the node table's new entries (-1 where nothing was found).
 extern "C" __global__ void layer_search(
     const double* rot, const double* trans, const double* material, const double* half_u,
     const int* module_layer, const bool* l_is_disc, const double* l_pos, const double* l_lo, const double* l_hi,
@@ -281,12 +282,9 @@ extern "C" __global__ void layer_search(
     int n_modules, const long long* mkey,
     long long n_meas, const double* m0, const double* m1, const double* v0, const double* v1,
     const signed char* mdim, double bfield, double c_light, int steps, const double* fd, double layer_tol,
-    double bounds_tol, double chi2_max, int max_b,
-    long long* o_layer, double* o_s_layer, int* o_n_found, long long* o_meas, double* o_chi2, int* o_module,
-    double* o_params, double* o_cov, bool* o_crossed, int* o_near_module, double* o_near_params,
-    double* o_near_cov, double* o_scat_cov, int rows, int max_holes, double* c_real, long long* c_index,
-    bool* c_ok, double* l_real, long long* l_index, bool* leaving, bool* too_many, bool* keep_lone,
-    long long node_base, long long* node_parent) {
+    double bounds_tol, double chi2_max, int max_b, int max_holes, long long* o_layer, long long* o_meas,
+    double* c_real, long long* c_index, bool* c_ok, double* l_real, long long* l_index, bool* leaving,
+    bool* too_many, bool* keep_lone, long long node_base, long long* node_parent) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     // packed candidates (kernels/candidates.py): real row = params, cov, chi2, s_done; index row = module, event, ...
@@ -302,8 +300,6 @@ extern "C" __global__ void layer_search(
     double C[25];
     for (int k = 0; k < 25; ++k) C[k] = p[5 + k];
     scatter_(rot + 9 * (long)mod, p, C, material[mod]);
-    if (mode == 0 && !rows)  // the overlap search (mode 1) has no use for it
-        for (int k = 0; k < 25; ++k) o_scat_cov[25 * (long)i + k] = C[k];
     long long layer;
     double s_layer, lx, ly, lz;
     int exclude_module = -1;
@@ -311,19 +307,13 @@ extern "C" __global__ void layer_search(
         layer = next_layer_(l_is_disc, l_pos, l_lo, l_hi, n_layers, x, y, z, phi, theta, h, module_layer[mod],
                             p[31], layer_tol, steps, &s_layer);
         o_layer[i] = layer;
-        o_s_layer[i] = s_layer;
-        o_n_found[i] = 0;
-        o_crossed[i] = false;
-        o_near_module[i] = -1;
         if (layer < 0) {
-            if (rows) {
-                for (int q = 0; q < max_b; ++q) c_ok[(long long)i * max_b + q] = false;
-                for (int k = 0; k < 32; ++k) l_real[32 * (long)i + k] = p[k];
-                for (int k = 0; k < 8; ++k) l_index[8 * (long)i + k] = irow[k];
-                leaving[i] = true;
-                too_many[i] = false;
-                keep_lone[i] = false;
-            }
+            for (int q = 0; q < max_b; ++q) c_ok[(long long)i * max_b + q] = false;
+            for (int k = 0; k < 32; ++k) l_real[32 * (long)i + k] = p[k];
+            for (int k = 0; k < 8; ++k) l_index[8 * (long)i + k] = irow[k];
+            leaving[i] = true;
+            too_many[i] = false;
+            keep_lone[i] = false;
             return;
         }
         double pphi;
@@ -333,11 +323,6 @@ extern "C" __global__ void layer_search(
         s_layer = 0.0;
         lx = x; ly = y; lz = z;
         exclude_module = mod;
-        o_layer[i] = layer;
-        o_s_layer[i] = 0.0;
-        o_n_found[i] = 0;
-        o_crossed[i] = false;
-        o_near_module[i] = -1;
     }
     // module grid of the layer around the crossing point
     double gphi = atan2(ly, lx);
@@ -370,21 +355,15 @@ extern "C" __global__ void layer_search(
         double frac = (l1 + hv) / fmax(2 * hv, 1e-9);
         frac = frac < 0 ? 0 : (frac > 1 ? 1 : frac);
         double half_x = half_u[3 * (long)m] + (half_u[3 * (long)m + 1] - half_u[3 * (long)m]) * frac;
-        if (fabs(l0) <= half_x && fabs(l1) <= hv) { o_crossed[i] = true; crossed = true; }
+        if (fabs(l0) <= half_x && fabs(l1) <= hv) crossed = true;
         if (!(fabs(l0) <= half_x + bounds_tol && fabs(l1) <= hv + bounds_tol)) continue;
         double s_t = transport_(rot, trans, mod, m, p, C, bfield, c_light, steps, fd, pp, J, pc);
         if (isnan(s_t)) continue;
         if (mode == 0 && s_t < near_s) {
             near_s = s_t;
             near_m = m;
-            o_near_module[i] = m;
-            if (rows) {
-                for (int k = 0; k < 5; ++k) near_p[k] = pp[k];
-                for (int k = 0; k < 25; ++k) near_c[k] = pc[k];
-            } else {
-                for (int k = 0; k < 5; ++k) o_near_params[5 * (long)i + k] = pp[k];
-                for (int k = 0; k < 25; ++k) o_near_cov[25 * (long)i + k] = pc[k];
-            }
+            for (int k = 0; k < 5; ++k) near_p[k] = pp[k];
+            for (int k = 0; k < 25; ++k) near_c[k] = pc[k];
         }
         long long key = index[8 * (long)i + 1] * n_modules + m;
         long long lo = 0, hi = n_meas;
@@ -413,10 +392,7 @@ extern "C" __global__ void layer_search(
             }
         }
     }
-    o_n_found[i] = nf;
-    if (rows && mode == 1) {
-        // in place: the candidate (c_real/c_index are real/index) takes its best overlap measurement,
-        // linked as node node_base + i (o_meas, node_parent: the node table's new entries, -1 unused)
+    if (mode == 1) {
         o_meas[i] = -1;
         node_parent[i] = -1;
         if (nf == 0) return;
@@ -434,51 +410,42 @@ extern "C" __global__ void layer_search(
         ci[6] = mi;
         return;
     }
-    if (rows) {
-        for (int q = 0; q < max_b; ++q) {
-            long long c = (long long)i * max_b + q;
-            c_ok[c] = q < nf;
-            if (q >= nf) continue;
-            long long mi = br_meas[q];
-            double* cr = c_real + 32 * c;
-            long long* ci = c_index + 8 * c;
-            double chi = update_(br_p[q], br_c[q], m0[mi], m1[mi], v0[mi], v1[mi], mdim[mi], cr, cr + 5);
-            cr[30] = p[30] + chi;
-            cr[31] = 0.0;
-            for (int k = 0; k < 8; ++k) ci[k] = irow[k];
-            ci[0] = br_mod[q];
-            ci[4] = irow[4] + 1;
-            ci[6] = mi;
-            ci[7] = irow[6];
-        }
-        double* lr = l_real + 32 * (long)i;
-        long long* li = l_index + 8 * (long)i;
-        for (int k = 0; k < 32; ++k) lr[k] = p[k];
-        for (int k = 0; k < 8; ++k) li[k] = irow[k];
-        bool lone = nf == 0;
-        if (lone) {
-            if (near_m >= 0) {
-                for (int k = 0; k < 5; ++k) lr[k] = near_p[k];
-                for (int k = 0; k < 25; ++k) lr[5 + k] = near_c[k];
-                lr[31] = 0.0;
-                li[0] = near_m;
-            } else {
-                for (int k = 0; k < 25; ++k) lr[5 + k] = C[k];
-                lr[31] = s_layer;
-            }
-            li[5] = irow[5] + (crossed ? 1 : 0);
-        }
-        leaving[i] = false;
-        too_many[i] = lone && li[5] > max_holes;
-        keep_lone[i] = lone && !(li[5] > max_holes);
-        return;
+    for (int q = 0; q < max_b; ++q) {
+        long long c = (long long)i * max_b + q;
+        c_ok[c] = q < nf;
+        if (q >= nf) continue;
+        long long mi = br_meas[q];
+        double* cr = c_real + 32 * c;
+        long long* ci = c_index + 8 * c;
+        double chi = update_(br_p[q], br_c[q], m0[mi], m1[mi], v0[mi], v1[mi], mdim[mi], cr, cr + 5);
+        cr[30] = p[30] + chi;
+        cr[31] = 0.0;
+        for (int k = 0; k < 8; ++k) ci[k] = irow[k];
+        ci[0] = br_mod[q];
+        ci[4] = irow[4] + 1;
+        ci[6] = mi;
+        ci[7] = irow[6];
     }
-    for (int q = 0; q < nf; ++q) {
-        long long row = (long long)i * max_b + q;
-        o_meas[row] = br_meas[q]; o_chi2[row] = br_chi[q]; o_module[row] = br_mod[q];
-        for (int k = 0; k < 5; ++k) o_params[5 * row + k] = br_p[q][k];
-        for (int k = 0; k < 25; ++k) o_cov[25 * row + k] = br_c[q][k];
+    double* lr = l_real + 32 * (long)i;
+    long long* li = l_index + 8 * (long)i;
+    for (int k = 0; k < 32; ++k) lr[k] = p[k];
+    for (int k = 0; k < 8; ++k) li[k] = irow[k];
+    bool lone = nf == 0;
+    if (lone) {
+        if (near_m >= 0) {
+            for (int k = 0; k < 5; ++k) lr[k] = near_p[k];
+            for (int k = 0; k < 25; ++k) lr[5 + k] = near_c[k];
+            lr[31] = 0.0;
+            li[0] = near_m;
+        } else {
+            for (int k = 0; k < 25; ++k) lr[5 + k] = C[k];
+            lr[31] = s_layer;
+        }
+        li[5] = irow[5] + (crossed ? 1 : 0);
     }
+    leaving[i] = false;
+    too_many[i] = lone && li[5] > max_holes;
+    keep_lone[i] = lone && !(li[5] > max_holes);
 }
 
 extern "C" __global__ void collect_measurements(
@@ -723,57 +690,42 @@ def layer_search(
     cfg: Any,
     max_b: int,
     steps: int,
-    rows: bool = False,
     node_base: int = 0,
 ) -> dict[str, Array]:
     """One CKF layer step (mode 0) or overlap search (mode 1) for all packed candidates
     (``real``, ``index`` of :class:`kernels.candidates.Candidates`): see the kernel.
 
-    With ``rows`` (mode 0), the result holds the next step's packed rows instead of the branches:
-    ``c_real``/``c_index``/``c_ok`` (max_b slots per candidate), ``l_real``/``l_index`` (one per
-    candidate) and the flags ``leaving``, ``too_many``, ``keep_lone``; ``cfg.max_holes`` applies.
-    With ``rows`` in mode 1 (``max_b`` 1), every candidate that finds an overlap measurement takes it
-    in place (``real`` and ``index`` are updated; they must be contiguous float64 / int64) as node
-    ``node_base + row``; ``meas`` and ``node_parent`` are then the node table's next ``n`` entries
-    (-1 where nothing was found)."""
+    Mode 0 returns the next step's packed rows: ``c_real``/``c_index``/``c_ok`` (max_b slots per
+    candidate), ``l_real``/``l_index`` (one per candidate), the flags ``leaving``, ``too_many``,
+    ``keep_lone`` (``cfg.max_holes`` applies) and ``layer`` (the layer each candidate searched).
+    Mode 1 (``max_b`` 1, ``layer_in`` the layers) extends every candidate that finds a measurement on
+    another module of its layer in place (``real`` and ``index`` are updated; they must be contiguous
+    float64 / int64) as node ``node_base + row``; ``meas`` and ``node_parent`` are the node table's
+    next ``n`` entries (-1 where nothing was found)."""
     n = int(real.shape[0])
     f64, i64, i32 = xp.float64, xp.int64, xp.int32
     if max_b > 4:
         raise ValueError("fused layer_search supports at most 4 branches per surface")
     if real.shape[1:] != (32,) or index.shape[1:] != (8,):
         raise ValueError("layer_search expects packed candidates: real [n, 32], index [n, 8]")
-    in_place = rows and mode == 1
+    in_place = mode == 1
     if in_place and (max_b != 1 or real.dtype != f64 or index.dtype != i64 or not real.flags.c_contiguous
-                     or not index.flags.c_contiguous):  # fmt: skip
-        raise ValueError("layer_search: the in-place overlap search needs max_b 1 and contiguous tables")
-    # outputs a call does not write get one-row placeholders
-    n_branch = 1 if rows else n * max_b
-    n_near = n if mode == 0 and not rows else 1
+                     or not index.flags.c_contiguous or layer_in is None):  # fmt: skip
+        raise ValueError("layer_search: the overlap search needs max_b 1, layers and contiguous tables")
+    # outputs a mode does not write get one-row placeholders
+    n_rows = 1 if in_place else n
     out = {
-        "layer": xp.empty(n, i64),
-        "s_layer": xp.empty(n, f64),
-        "n_found": xp.empty(n, i32),
-        "meas": xp.empty(n if in_place else n_branch, i64),
-        "chi2": xp.empty(n_branch, f64),
-        "module": xp.empty(n_branch, i32),
-        "params": xp.empty((n_branch, 5), f64),
-        "cov": xp.empty((n_branch, 5, 5), f64),
-        "crossed": xp.empty(n, xp.bool_),
-        "near_module": xp.empty(n, i32),
-        "near_params": xp.zeros((n_near, 5), f64),
-        "near_cov": xp.zeros((n_near, 5, 5), f64),
-        "scat_cov": xp.empty((n_near, 5, 5), f64),
-    }
-    n_rows = n if rows and not in_place else 1
-    step_rows = {
-        "c_real": xp.empty((n_rows * max_b, 32), f64),
-        "c_index": xp.empty((n_rows * max_b, 8), i64),
+        "layer": xp.empty(n_rows, i64),
+        "meas": xp.empty(n if in_place else 1, i64),
+        "c_real": real if in_place else xp.empty((n * max_b, 32), f64),
+        "c_index": index if in_place else xp.empty((n * max_b, 8), i64),
         "c_ok": xp.empty(n_rows * max_b, xp.bool_),
         "l_real": xp.empty((n_rows, 32), f64),
         "l_index": xp.empty((n_rows, 8), i64),
         "leaving": xp.empty(n_rows, xp.bool_),
         "too_many": xp.empty(n_rows, xp.bool_),
         "keep_lone": xp.empty(n_rows, xp.bool_),
+        "node_parent": xp.empty(n if in_place else 1, i64),
     }
     c = xp.ascontiguousarray
     geometry = _geometry_args(xp, det, geo, nav)
@@ -802,29 +754,19 @@ def layer_search(
         f64(cfg.bounds_tolerance_mm),
         f64(cfg.chi2_max),
         i32(max_b),
+        i32(cfg.max_holes),
         out["layer"],
-        out["s_layer"],
-        out["n_found"],
         out["meas"],
-        out["chi2"],
-        out["module"],
-        out["params"],
-        out["cov"],
-        out["crossed"],
-        out["near_module"],
-        out["near_params"],
-        out["near_cov"],
-        out["scat_cov"],
-        i32(1 if rows else 0),
-        i32(cfg.max_holes if rows else 0),
+        out["c_real"],
+        out["c_index"],
+        out["c_ok"],
+        out["l_real"],
+        out["l_index"],
+        out["leaving"],
+        out["too_many"],
+        out["keep_lone"],
+        i64(node_base),
+        out["node_parent"],
     )
-    if in_place:
-        step_rows["c_real"], step_rows["c_index"] = real, index
-    node_parent = xp.empty(n if in_place else 1, i64)
-    args = (*args, *step_rows.values(), i64(node_base), node_parent)
     _launch("layer_search", n, args)
-    if in_place:
-        out["node_parent"] = node_parent
-    elif rows:
-        out.update(step_rows)
     return out
