@@ -176,7 +176,8 @@ class Chain:
         xp, det, cfg = self.xp, self.detector, self.config
         n_events = len(front.event_ids)
         if (
-            front.params is None
+            not cfg.runs("finding")
+            or front.params is None
             or front.measurements is None
             or front.seeds is None
             or front.spacepoints is None
