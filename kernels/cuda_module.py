@@ -16,11 +16,15 @@ class CudaModule:
     """Args:
     source: the CUDA C++ source, or a function returning it (built on first use).
     block: threads per block of every launch.
+    options: extra NVRTC options (``--std=c++14`` is always given).
     """
 
-    def __init__(self, source: str | Callable[[], str], block: int = 128) -> None:
+    def __init__(
+        self, source: str | Callable[[], str], block: int = 128, options: tuple[str, ...] = ()
+    ) -> None:
         self._source = source
         self.block = block
+        self.options = ("--std=c++14", *options)
         self._module: Any = None
 
     def function(self, name: str) -> Any:
@@ -28,7 +32,7 @@ class CudaModule:
         if self._module is None:
             cupy = importlib.import_module("cupy")
             code = self._source() if callable(self._source) else self._source
-            self._module = cupy.RawModule(code=code, options=("--std=c++14",))
+            self._module = cupy.RawModule(code=code, options=self.options)
         return self._module.get_function(name)
 
     def launch(self, name: str, n: int, args: tuple) -> None:

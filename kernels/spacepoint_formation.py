@@ -1,16 +1,20 @@
 """Spacepoint formation: 2-D measurements to global coordinates with the module transform
-(traccc's ``spacepoint_formation``); 1-D strip measurements make no spacepoints."""
+(traccc's ``spacepoint_formation``); 1-D strip measurements make no spacepoints. With CuPy, one
+kernel after the selection (:mod:`kernels.fused_rows`)."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
+from kernels import fused, fused_rows
 from kernels.detector import Detector, local_to_global
 from kernels.edm.measurements import Measurements, Spacepoints
 
 
 def form_spacepoints(xp: ModuleType, det: Detector, meas: Measurements) -> Spacepoints:
     """Spacepoints of all 2-D measurements, with variances along r and z from the local ones."""
+    if fused.enabled(xp):
+        return Spacepoints(**fused_rows.spacepoints(xp, det, meas))
     sel = xp.nonzero(meas.dimension == 2)[0]
     mod = meas.module[sel]
     x, y, z = local_to_global(xp, det, mod, meas.local0[sel], meas.local1[sel])

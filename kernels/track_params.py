@@ -5,7 +5,7 @@ pT = 0.3 * B * R, the charge from the bending direction (positive charges turn c
 +z when B points along +z), and the direction at the bottom spacepoint (the circle's tangent,
 oriented towards the middle one). theta comes from the straight line of z against the transverse
 arc length between bottom and top. Parameters are bound to the bottom spacepoint's module, with a
-diagonal initial covariance.
+diagonal initial covariance. With CuPy, one kernel does it all (:mod:`kernels.fused_rows`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from types import ModuleType
 
+from kernels import fused, fused_rows
 from kernels.edm.measurements import Measurements, Spacepoints
 from kernels.edm.seeds import BoundParameters, Seeds
 from kernels.seeding import PT_PER_TESLA_MM
@@ -65,6 +66,12 @@ def estimate_parameters(
 ) -> BoundParameters:
     """Bound parameters of every seed on its bottom spacepoint's module."""
     bfield = cfg.bfield_t if cfg.bfield_t is not None else bfield_t
+    if fused.enabled(xp):
+        sigma2 = (cfg.sigma_loc_mm**2, cfg.sigma_loc_mm**2, cfg.sigma_phi_rad**2, cfg.sigma_theta_rad**2)
+        params, cov, module = fused_rows.track_params(
+            xp, sp, meas, seeds, bfield, PT_PER_TESLA_MM, sigma2, cfg.sigma_q_over_pt
+        )
+        return BoundParameters(module=module, params=params, cov=cov, event=seeds.event)
     b, m, t = seeds.bottom, seeds.middle, seeds.top
     xb, yb, zb = sp.x[b], sp.y[b], sp.z[b]
     cx, cy, radius, turn = circle_through(xp, xb, yb, sp.x[m], sp.y[m], sp.x[t], sp.y[t])

@@ -98,6 +98,7 @@ def launched_modules() -> list[Any]:
         "fused_ambiguity",
         "fused_clusterization",
         "fused_measurements",
+        "fused_rows",
     )
     return [importlib.import_module(f"kernels.{name}") for name in names]
 

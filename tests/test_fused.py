@@ -224,3 +224,27 @@ def test_clusters_measurements_and_ambiguity_kernels_match_array_code(states, bu
     chi2 = cp.asarray(rng.integers(0, 5, 4000).astype(float) * length)
     ref, got = both(lambda: [resolve(cp, offsets, meas, chi2, 9000, AmbiguityConfig(min_measurements=5))])
     np.testing.assert_array_equal(got[0], ref[0])
+
+
+def test_spacepoint_and_track_parameter_kernels_match_array_code(states):
+    cp, chain, front = states
+    from kernels.spacepoint_formation import form_spacepoints
+    from kernels.track_params import estimate_parameters
+
+    names = ("measurement", "module", "event", "x", "y", "z", "r", "phi", "var_r", "var_z")
+    ref, got = both(
+        lambda: [getattr(form_spacepoints(cp, chain.detector, front.measurements), k) for k in names]
+    )
+    for k, a, b in zip(names, ref, got, strict=True):
+        assert a.dtype == b.dtype, k
+        np.testing.assert_allclose(b, a, rtol=1e-13, atol=1e-12, err_msg=k)
+    cfg, bfield = chain.config.track_params, chain.detector.bfield_t
+
+    def params():
+        p = estimate_parameters(cp, front.spacepoints, front.measurements, front.seeds, cfg, bfield)
+        return [p.params, p.cov, p.module]
+
+    ref, got = both(params)
+    assert ref[0].shape[0] > 1000
+    np.testing.assert_array_equal(got[2], ref[2])
+    close(ref[:2], got[:2], rtol=1e-12)

@@ -119,3 +119,27 @@ def test_measurements_are_the_array_codes(detector, request):
         np.testing.assert_allclose(
             getattr(got, name), getattr(ref, name), rtol=1e-12, atol=1e-12, err_msg=name
         )
+
+
+def test_spacepoints_and_track_parameters_are_the_array_codes(bundled, detector, request):
+    """The per-row kernels (kernels/fused_rows.py) against the array code on a bundled event."""
+    from kernels.spacepoint_formation import form_spacepoints
+    from kernels.track_params import estimate_parameters
+
+    chain = Chain(np, detector, ChainConfig())
+    front = chain.run_front([load_cells(discover(bundled)[0], detector)], {})
+    det, cfg = chain.detector, chain.config.track_params
+    ref_sp = form_spacepoints(np, det, front.measurements)
+    ref_p = estimate_parameters(np, front.spacepoints, front.measurements, front.seeds, cfg, det.bfield_t)
+    request.getfixturevalue("host_fused")
+    got_sp = form_spacepoints(np, det, front.measurements)
+    got_p = estimate_parameters(np, front.spacepoints, front.measurements, front.seeds, cfg, det.bfield_t)
+    assert ref_sp.size > 1000 and ref_p.params.shape[0] > 1000
+    for name in ("measurement", "module", "event", "x", "y", "z", "r", "phi", "var_r", "var_z"):
+        a, b = getattr(ref_sp, name), getattr(got_sp, name)
+        assert a.dtype == b.dtype, name
+        np.testing.assert_allclose(b, a, rtol=1e-14, atol=1e-13, err_msg=name)
+    np.testing.assert_array_equal(got_p.module, ref_p.module)
+    assert got_p.module.dtype == ref_p.module.dtype
+    np.testing.assert_allclose(got_p.params, ref_p.params, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(got_p.cov, ref_p.cov, rtol=1e-13, atol=1e-16)
