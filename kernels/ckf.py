@@ -223,7 +223,35 @@ def find_tracks(
     mv0, mv1 = variances
     nodes = _Nodes(xp)
 
-    # --- start: filter the seed's own measurements -------------------------------------------------
+    state = (_start_fused if fused.enabled(xp) else _start)(
+        xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes
+    )
+    finished: list[Candidates] = []
+    ctx = _Context(xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield)
+
+    step = _fused_step if fused.enabled(xp) else _array_step
+    active = None  # the fused path's prune marks the live rows; the next step skips the others
+    for _ in range(cfg.max_steps):
+        if state.size == 0:
+            break
+        with section("finding.step"):
+            done, state = step(ctx, state, nodes, active)
+        finished.extend(done)
+        if state.size:
+            with section("finding.prune"):
+                state, active = _prune(xp, state, meas.size, seeds.size, cfg)
+    if state.size:
+        finished.append(state if active is None else state.take(xp.nonzero(active)[0]))
+    return _collect(xp, nodes, finished, cfg)
+
+
+def _start(
+    xp: ModuleType, det: Detector, geo: FindingGeometry, meas: Measurements, sp: Spacepoints, seeds: Seeds,
+    params: BoundParameters, mv0: Array, mv1: Array, nodes: _Nodes,
+) -> Candidates:  # fmt: skip
+    """The first candidates: each seed's bottom, middle and top measurements filtered in turn
+    (scattering on the module left, transport, update); seeds whose transport fails are dropped."""
+    bfield = det.bfield_t
     seed_meas = [sp.measurement[seeds.bottom], sp.measurement[seeds.middle], sp.measurement[seeds.top]]
     p, c = params.params, params.cov
     module = params.module
@@ -245,7 +273,7 @@ def find_tracks(
             chi2 += dchi2
         node = nodes.add(node, mi)
     keep = xp.nonzero(alive)[0]
-    state = Candidates.build(
+    return Candidates.build(
         xp,
         params=p[keep],
         cov=c[keep],
@@ -260,32 +288,30 @@ def find_tracks(
         m1=seed_meas[2][keep],
         m2=seed_meas[1][keep],
     )
-    del p, c, chi2, alive, node, module, keep  # in the state now; the step's peak memory counts
-    finished: list[Candidates] = []
-    ctx = _Context(xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield)
 
-    step = _fused_step if fused.enabled(xp) else _array_step
-    for _ in range(cfg.max_steps):
-        if state.size == 0:
-            break
-        with section("finding.step"):
-            done, state = step(ctx, state, nodes)
-        finished.extend(done)
-        if state.size:
-            with section("finding.prune"):
-                state = _prune(xp, state, meas.size, seeds.size, cfg)
-    if state.size:
-        finished.append(state)
-    return _collect(xp, nodes, finished, cfg)
+
+def _start_fused(
+    xp: ModuleType, det: Detector, geo: FindingGeometry, meas: Measurements, sp: Spacepoints, seeds: Seeds,
+    params: BoundParameters, mv0: Array, mv1: Array, nodes: _Nodes,
+) -> Candidates:  # fmt: skip
+    """:func:`_start` in one kernel (kernels/fused.py ``seed_start``), the same rows and nodes."""
+    real, index, alive, node_parent, node_meas = fused.seed_start(
+        xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes.count, NEWTON_STEPS
+    )
+    nodes.append(node_parent, node_meas)
+    keep = xp.nonzero(alive)[0]
+    state = Candidates(real, index)
+    return state if keep.shape[0] == seeds.size else state.take(keep)
 
 
 def _prune(
     xp: ModuleType, state: Candidates, n_meas_total: int, n_seeds: int, cfg: FindingConfig
-) -> Candidates:
+) -> tuple[Candidates, Array | None]:
     """The live candidates after a step's duplicate merge (when configured) and per-seed cap, in row
-    order; on the GPU in a few kernels (kernels/fused_prune.py) that keep the same rows."""
+    order, and None; on the GPU, in a few kernels (kernels/fused_prune.py) that keep the same rows, the
+    candidates as they are and which of them live (the next step skips the others: no compaction)."""
     if fused.enabled(xp):
-        rows = fused_prune.prune(
+        keep = fused_prune.prune(
             xp,
             state.real,
             state.index,
@@ -294,10 +320,10 @@ def _prune(
             cfg.max_branches_per_seed,
             cfg.merge_duplicates,
         )
-        return state.take(rows)
+        return state, keep
     if cfg.merge_duplicates:
         state = _merge_duplicates(xp, state, n_meas_total)
-    return _cap_per_seed(xp, state, cfg.max_branches_per_seed)
+    return _cap_per_seed(xp, state, cfg.max_branches_per_seed), None
 
 
 def _merge_duplicates(xp: ModuleType, state: Candidates, n_meas_total: int) -> Candidates:
@@ -347,11 +373,6 @@ class _Context:
     def __init__(self, xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield) -> None:
         self.xp, self.det, self.geo, self.meas, self.mkey = xp, det, geo, meas, mkey
         self.mv0, self.mv1, self.cfg, self.bfield = mv0, mv1, cfg, bfield
-
-    @staticmethod
-    def step_bounds(n: int, k_max: int) -> list[int]:
-        """Last position of each flag vector of a fused step (leaving, over holes, children, lone)."""
-        return [n - 1, 2 * n - 1, 2 * n + n * k_max - 1, 3 * n + n * k_max - 1]
 
     def search(self, st, cov, layer, lx, ly, lz, x, y, z, phi, theta, h, exclude_module) -> _Found:
         """Transport candidates to the modules of ``layer`` around (lx, ly, lz) and test their measurements."""
@@ -446,7 +467,9 @@ def _extend(
     index[rows, N_MEAS] += 1
 
 
-def _array_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Candidates], Candidates]:
+def _array_step(
+    ctx: _Context, st: Candidates, nodes: _Nodes, active: Array | None = None
+) -> tuple[list[Candidates], Candidates]:
     """One layer step of all candidates with array code: (finished candidates, live candidates)."""
     xp, det, geo, meas, cfg, bfield = ctx.xp, ctx.det, ctx.geo, ctx.meas, ctx.cfg, ctx.bfield
     mv0, mv1 = ctx.mv0, ctx.mv1
@@ -512,7 +535,9 @@ def _split_leaving(xp: ModuleType, st: Candidates, layer: Array, done: list[Cand
     return go
 
 
-def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Candidates], Candidates]:
+def _fused_step(
+    ctx: _Context, st: Candidates, nodes: _Nodes, active: Array | None = None
+) -> tuple[list[Candidates], Candidates]:
     """The same step as :func:`_array_step`: one kernel searches the next layer and writes the rows of
     the next step (Kalman updates included), and one wait for the host sizes all of the step's
     selections."""
@@ -537,27 +562,23 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
             cfg,
             k_max,
             NEWTON_STEPS,
+            active=active,
         )
-    # one compaction of four flag vectors, in the order of the array step: leaving, over max_holes
-    # (both done), children (ordered by candidate, then branch), candidates continuing without one
-    flags = xp.concatenate([res["leaving"], res["too_many"], res["c_ok"], res["keep_lone"]])
-    ends = xp.cumsum(flags, dtype=xp.int64)
-    counts = [int(c) for c in to_numpy(ends[xp.asarray(ctx.step_bounds(n, k_max))])]
-    where = xp.where(flags, ends - 1, counts[-1])
-    picked = xp.empty(counts[-1] + 1, dtype=xp.int64)
-    picked[where] = xp.arange(flags.shape[0], dtype=xp.int64)
-    _, b1, b2, b3 = counts
-    lone_table = Candidates(res["l_real"], res["l_index"])
-    done = [lone_table.take(picked[:b1] - xp.where(picked[:b1] >= n, n, 0))] if b1 else []
-    child_rows = picked[b1:b2] - 2 * n
-    children = Candidates(res["c_real"], res["c_index"]).take(child_rows)
-    index = children.index
-    index[:, NODE] = nodes.add(index[:, NODE], index[:, M1])
-    lone = lone_table.take(picked[b2:b3] - (2 * n + n * k_max))
-    child_layer = res["layer"][child_rows // k_max]
+    # one compaction of the four flag vectors, in the order of the array step: leaving, over max_holes
+    # (both done), children (ordered by candidate, then branch), candidates continuing without one;
+    # one wait for the host sizes it
+    ends = xp.cumsum(res["flags"], dtype=xp.int64)
+    bounds = (n - 1, 2 * n - 1, 2 * n + n * k_max - 1, 3 * n + n * k_max - 1)
+    _, b1, b2, total = (int(c) for c in to_numpy(xp.stack([ends[b] for b in bounds])))
+    done_real, done_index, real, index, child_layer, node_parent, node_meas = fused.step_compact(
+        xp, res, ends, n, k_max, (b1, b2, total), nodes.count
+    )
+    nodes.append(node_parent, node_meas)
     # the step's tables are done with: free them before the overlap search allocates its own (the
     # memory pool keeps the peak of a batch, and this was it)
-    del res, flags, ends, where, picked, lone_table, child_rows
+    del res, ends
+    done = [Candidates(done_real, done_index)] if b1 else []
+    children = Candidates(real[: b2 - b1], index[: b2 - b1])
     if b2 > b1:
         with section("finding.overlap_search"):
             # the children that find a second measurement on their layer take it in place
@@ -566,7 +587,7 @@ def _fused_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Cand
                 ctx.mkey, meas, mv0, mv1, cfg, 1, NEWTON_STEPS, node_base=nodes.count,
             )  # fmt: skip
         nodes.append(ov["node_parent"], ov["meas"])
-    return done, Candidates.concat(xp, [children, lone])
+    return done, Candidates(real, index)
 
 
 def _children(

@@ -284,9 +284,18 @@ extern "C" __global__ void layer_search(
     const signed char* mdim, double bfield, double c_light, int steps, const double* fd, double layer_tol,
     double bounds_tol, double chi2_max, int max_b, int max_holes, long long* o_layer, long long* o_meas,
     double* c_real, long long* c_index, bool* c_ok, double* l_real, long long* l_index, bool* leaving,
-    bool* too_many, bool* keep_lone, long long node_base, long long* node_parent) {
+    bool* too_many, bool* keep_lone, long long node_base, long long* node_parent, const bool* active,
+    int has_active) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
+    if (has_active && !active[i]) {  // pruned (mode 0): no row of the next step
+        for (int q = 0; q < max_b; ++q) c_ok[(long long)i * max_b + q] = false;
+        o_layer[i] = -1;
+        leaving[i] = false;
+        too_many[i] = false;
+        keep_lone[i] = false;
+        return;
+    }
     // packed candidates (kernels/candidates.py): real row = params, cov, chi2, s_done; index row = module, event, ...
     const double* p = real + 32 * (long)i;
     const long long* irow = index + 8 * (long)i;
@@ -477,6 +486,106 @@ extern "C" __global__ void chi2_only(
     double det = s00 * s11 - s01 * s01;
     out[i] = (r0 * r0 * s11 - 2.0 * r0 * r1 * s01 + r1 * r1 * s00) / det;
 }
+// The CKF's start for one seed: the Kalman filter of its bottom, middle and top measurements (scattering on
+// the module left, transport to the next measurement's module, update), as kernels/ckf.py's array start.
+// Writes the seed's packed candidate row (kernels/candidates.py) and alive = false where a transport fails;
+// node_parent / node_meas are the node table's next 3 n entries: bottom, middle, top of every seed, linked
+// (node_base + i, node_base + n + i, node_base + 2 n + i; the candidate's node is the last).
+extern "C" __global__ void seed_start(
+    const double* rot, const double* trans, const double* material, const double* params, const double* cov,
+    const int* module0, const int* event, const int* bottom, const int* middle, const int* top, const int* sp_meas,
+    const int* meas_module, const double* local0, const double* local1, const double* v0, const double* v1,
+    const signed char* dim, int n, double bfield, double c_light, int steps, const double* fd, long long node_base,
+    double* out_real, long long* out_index, bool* alive, long long* node_parent, long long* node_meas) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    double p[5], C[25], q[5], Q[25], J[25];
+    for (int k = 0; k < 5; ++k) p[k] = params[5 * (long long)i + k];
+    for (int k = 0; k < 25; ++k) C[k] = cov[25 * (long long)i + k];
+    long long mi[3] = {sp_meas[bottom[i]], sp_meas[middle[i]], sp_meas[top[i]]};
+    for (int k = 0; k < 3; ++k) {
+        node_parent[(long long)k * n + i] = k == 0 ? -1 : node_base + (long long)(k - 1) * n + i;
+        node_meas[(long long)k * n + i] = mi[k];
+    }
+    int module = module0[i];
+    double chi2 = 0.0;
+    bool ok = true;
+    for (int k = 0; k < 3 && ok; ++k) {
+        long long m = mi[k];
+        if (k > 0) {
+            int target = meas_module[m];
+            scatter_(rot + 9 * (long long)module, p, C, material[module]);
+            double s = transport_(rot, trans, module, target, p, C, bfield, c_light, steps, fd, q, J, Q);
+            if (isnan(s)) {
+                ok = false;
+                break;
+            }
+            for (int a = 0; a < 5; ++a) p[a] = q[a];
+            for (int a = 0; a < 25; ++a) C[a] = Q[a];
+            module = target;
+        }
+        double d = update_(p, C, local0[m], local1[m], v0[m], v1[m], dim[m], q, Q);
+        for (int a = 0; a < 5; ++a) p[a] = q[a];
+        for (int a = 0; a < 25; ++a) C[a] = Q[a];
+        if (k > 0) chi2 += d;  // the bottom measurement only fixes loc0/loc1, which the seed took from it
+    }
+    alive[i] = ok;
+    double* r = out_real + 32 * (long long)i;
+    long long* x = out_index + 8 * (long long)i;
+    for (int a = 0; a < 5; ++a) r[a] = p[a];
+    for (int a = 0; a < 25; ++a) r[5 + a] = C[a];
+    r[30] = chi2;
+    r[31] = 0.0;
+    x[0] = module;
+    x[1] = event[i];
+    x[2] = i;
+    x[3] = node_base + 2 * (long long)n + i;
+    x[4] = 3;
+    x[5] = 0;
+    x[6] = mi[2];
+    x[7] = mi[1];
+}
+// A CKF step's compaction: every set flag of layer_search's flag vector (leaving, over holes, children,
+// lone; ends = its inclusive prefix sum) copies its packed row to position ends[j] - 1 of the selection:
+// the finished rows [0, b1) go to done_real / done_index, the children [b1, b2) and the lone rows
+// [b2, total) to row - b1 of out_real / out_index (the next step's candidates). A child is linked as node
+// node_base + its row among the children (node_parent / node_meas: the node table's new entries) and
+// gets the layer its parent searched (child_layer).
+extern "C" __global__ void step_compact(
+    const bool* flags, const long long* ends, int n, int k_max, const double* c_real, const long long* c_index,
+    const double* l_real, const long long* l_index, const long long* layer, long long b1, long long b2,
+    long long node_base, int n_flags, double* done_real, long long* done_index, double* out_real,
+    long long* out_index, long long* child_layer, long long* node_parent, long long* node_meas) {
+    long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n_flags || !flags[j]) return;
+    long long dest = ends[j] - 1, nk = (long long)n * k_max, r;
+    const double* sr;
+    const long long* si;
+    if (j < 2LL * n) {  // leaving or over max_holes: the candidate's own row
+        r = j < n ? j : j - n;
+        sr = l_real + 32 * r;
+        si = l_index + 8 * r;
+    } else if (j < 2LL * n + nk) {
+        r = j - 2LL * n;
+        sr = c_real + 32 * r;
+        si = c_index + 8 * r;
+    } else {
+        r = j - 2LL * n - nk;
+        sr = l_real + 32 * r;
+        si = l_index + 8 * r;
+    }
+    double* dr = dest < b1 ? done_real + 32 * dest : out_real + 32 * (dest - b1);
+    long long* di = dest < b1 ? done_index + 8 * dest : out_index + 8 * (dest - b1);
+    for (int a = 0; a < 32; ++a) dr[a] = sr[a];
+    for (int a = 0; a < 8; ++a) di[a] = si[a];
+    if (dest >= b1 && dest < b2) {
+        long long c = dest - b1;
+        node_parent[c] = si[3];
+        node_meas[c] = si[6];
+        di[3] = node_base + c;
+        child_layer[c] = layer[(j - 2LL * n) / k_max];
+    }
+}
 """
 
 _C_LIGHT = 0.299792458e-3
@@ -530,7 +639,7 @@ def transport(
     out_c = xp.empty((n, 5, 5), dtype=xp.float64)
     out_s = xp.empty(n, dtype=xp.float64)
     out_j = xp.empty((n, 5, 5), dtype=xp.float64)
-    fd = xp.asarray(_FD_STEPS, dtype=xp.float64)
+    fd = _fd_steps(xp)
     _launch(
         "transport",
         n,
@@ -640,6 +749,96 @@ def chi2_gather(xp: ModuleType, params, cov, row, m0, m1, v0, v1, dim, meas) -> 
     return out
 
 
+_FD_DEVICE: dict[str, Array] = {}
+
+
+def _fd_steps(xp: ModuleType) -> Array:
+    """The finite-difference steps on the device, copied once per namespace (a copy from host memory
+    waits for the device)."""
+    if xp.__name__ not in _FD_DEVICE:
+        _FD_DEVICE[xp.__name__] = xp.asarray(_FD_STEPS, dtype=xp.float64)
+    return _FD_DEVICE[xp.__name__]
+
+
+def seed_start(
+    xp: ModuleType, det: Any, geo: Any, meas: Any, sp: Any, seeds: Any, params: Any, v0: Array, v1: Array,
+    node_base: int, steps: int,
+) -> tuple[Array, ...]:  # fmt: skip
+    """The CKF's start for every seed (see the kernel): packed rows ``real`` [n, 32], ``index`` [n, 8],
+    ``alive`` (bool) and the node table's next 3 n entries (``node_parent``, ``node_meas``)."""
+    n = int(seeds.bottom.shape[0])
+    f64, i64, i32 = xp.float64, xp.int64, xp.int32
+    c = xp.ascontiguousarray
+    rot, trans, material = _geometry_args(xp, det, geo, geo.nav)[:3]
+    real = xp.empty((n, 32), f64)
+    index = xp.empty((n, 8), i64)
+    alive = xp.empty(n, xp.bool_)
+    node_parent = xp.empty(3 * n, i64)
+    node_meas = xp.empty(3 * n, i64)
+    args = (
+        rot,
+        trans,
+        material,
+        c(params.params, dtype=f64),
+        c(params.cov, dtype=f64),
+        c(params.module, dtype=i32),
+        c(seeds.event, dtype=i32),
+        c(seeds.bottom, dtype=i32),
+        c(seeds.middle, dtype=i32),
+        c(seeds.top, dtype=i32),
+        c(sp.measurement, dtype=i32),
+        c(meas.module, dtype=i32),
+        c(meas.local0, dtype=f64),
+        c(meas.local1, dtype=f64),
+        c(v0, dtype=f64),
+        c(v1, dtype=f64),
+        c(meas.dimension, dtype=xp.int8),
+        i32(n),
+        f64(det.bfield_t),
+        f64(_C_LIGHT),
+        i32(steps),
+        _fd_steps(xp),
+        i64(node_base),
+        real,
+        index,
+        alive,
+        node_parent,
+        node_meas,
+    )
+    _launch("seed_start", n, args)
+    return real, index, alive, node_parent, node_meas
+
+
+def step_compact(
+    xp: ModuleType, res: dict[str, Array], ends: Array, n: int, k_max: int, counts: tuple[int, int, int],
+    node_base: int,
+) -> tuple[Array, ...]:  # fmt: skip
+    """The rows a mode-0 :func:`layer_search` selected, in flag order (see the kernel): the finished
+    rows (``done_real``, ``done_index``: b1 rows), the next step's (``real``, ``index``: the b2 - b1
+    children, then the lone rows), ``child_layer`` and the node table's new entries for the children.
+
+    Args:
+        ends: inclusive prefix sum of ``res["flags"]`` (int64). counts: (b1, b2, total) from it.
+    """
+    b1, b2, total = counts
+    i64 = xp.int64
+    done_real = xp.empty((b1, 32), xp.float64)
+    done_index = xp.empty((b1, 8), i64)
+    real = xp.empty((total - b1, 32), xp.float64)
+    index = xp.empty((total - b1, 8), i64)
+    child_layer = xp.empty(b2 - b1, i64)
+    node_parent = xp.empty(b2 - b1, i64)
+    node_meas = xp.empty(b2 - b1, i64)
+    n_flags = int(res["flags"].shape[0])
+    args = (
+        res["flags"], ends, xp.int32(n), xp.int32(k_max), res["c_real"], res["c_index"], res["l_real"],
+        res["l_index"], res["layer"], i64(b1), i64(b2), i64(node_base), xp.int32(n_flags), done_real, done_index,
+        real, index, child_layer, node_parent, node_meas,
+    )  # fmt: skip
+    _launch("step_compact", n_flags, args)
+    return done_real, done_index, real, index, child_layer, node_parent, node_meas
+
+
 def _geometry_args(xp: ModuleType, det: Any, geo: Any, nav: Any) -> tuple:
     """The detector and navigation arrays of :func:`layer_search`, converted once per geometry."""
     global _GEOMETRY_ARGS
@@ -667,7 +866,7 @@ def _geometry_args(xp: ModuleType, det: Any, geo: Any, nav: Any) -> tuple:
         c(nav.bin_modules, dtype=i32),
         i32(nav.position.shape[0]),
     )
-    _GEOMETRY_ARGS = (geo, xp, args, xp.asarray(_FD_STEPS, dtype=f64), xp.zeros(1, i64))
+    _GEOMETRY_ARGS = (geo, xp, args, _fd_steps(xp), xp.zeros(1, i64))
     return args
 
 
@@ -691,6 +890,7 @@ def layer_search(
     max_b: int,
     steps: int,
     node_base: int = 0,
+    active: Array | None = None,
 ) -> dict[str, Array]:
     """One CKF layer step (mode 0) or overlap search (mode 1) for all packed candidates
     (``real``, ``index`` of :class:`kernels.candidates.Candidates`): see the kernel.
@@ -701,7 +901,8 @@ def layer_search(
     Mode 1 (``max_b`` 1, ``layer_in`` the layers) extends every candidate that finds a measurement on
     another module of its layer in place (``real`` and ``index`` are updated; they must be contiguous
     float64 / int64) as node ``node_base + row``; ``meas`` and ``node_parent`` are the node table's
-    next ``n`` entries (-1 where nothing was found)."""
+    next ``n`` entries (-1 where nothing was found). ``active`` (mode 0, bool per candidate): only
+    these take part; the others set no flag."""
     n = int(real.shape[0])
     f64, i64, i32 = xp.float64, xp.int64, xp.int32
     if max_b > 4:
@@ -714,17 +915,22 @@ def layer_search(
         raise ValueError("layer_search: the overlap search needs max_b 1, layers and contiguous tables")
     # outputs a mode does not write get one-row placeholders
     n_rows = 1 if in_place else n
+    # the four flag vectors are consecutive parts of one (leaving, over holes, children, lone): what
+    # step_compact scans
+    flags = xp.empty(3 * n_rows + n_rows * max_b, xp.bool_)
+    nk = n_rows * max_b
     out = {
+        "flags": flags,
         "layer": xp.empty(n_rows, i64),
         "meas": xp.empty(n if in_place else 1, i64),
         "c_real": real if in_place else xp.empty((n * max_b, 32), f64),
         "c_index": index if in_place else xp.empty((n * max_b, 8), i64),
-        "c_ok": xp.empty(n_rows * max_b, xp.bool_),
+        "c_ok": flags[2 * n_rows : 2 * n_rows + nk],
         "l_real": xp.empty((n_rows, 32), f64),
         "l_index": xp.empty((n_rows, 8), i64),
-        "leaving": xp.empty(n_rows, xp.bool_),
-        "too_many": xp.empty(n_rows, xp.bool_),
-        "keep_lone": xp.empty(n_rows, xp.bool_),
+        "leaving": flags[:n_rows],
+        "too_many": flags[n_rows : 2 * n_rows],
+        "keep_lone": flags[2 * n_rows + nk :],
         "node_parent": xp.empty(n if in_place else 1, i64),
     }
     c = xp.ascontiguousarray
@@ -767,6 +973,8 @@ def layer_search(
         out["keep_lone"],
         i64(node_base),
         out["node_parent"],
+        active if active is not None else out["leaving"],
+        i32(active is not None),
     )
     _launch("layer_search", n, args)
     return out

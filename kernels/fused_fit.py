@@ -242,7 +242,7 @@ def fit_tracks(
         xp.float64(det.bfield_t),
         xp.float64(0.299792458e-3),
         xp.int32(steps),
-        xp.asarray(fused._FD_STEPS, dtype=f64),
+        fused._fd_steps(xp),
         xp.int32(n_max),
         scratch,
         out_p,

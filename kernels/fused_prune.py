@@ -4,8 +4,9 @@ After every layer step the array code (:func:`kernels.ckf._merge_duplicates` and
 :func:`kernels.ckf._cap_per_seed`) keeps one candidate per (event, last two measurements) and then at
 most ``max_per_seed`` candidates per seed, each with two stable radix sorts, a segmented rank and a
 compaction. For one event that is ~40 small launches and two waits for the host per step, a quarter
-of the event's time. Here the same selection is five kernels and one compaction:
+of the event's time. Here the same selection is six kernels and a prefix sum, and no compaction:
 
+0. ``prune_clear``: empty hash table and zero counters;
 1. ``prune_insert``: every row puts its (event, m1, m2) key into an open-addressing hash table and
    keeps the slot; the slot's best quality (as order-preserving unsigned bits) is an ``atomicMin``;
 2. ``prune_winner``: the rows with the slot's best quality race for the lowest row index (``atomicMin``),
@@ -15,7 +16,7 @@ of the event's time. Here the same selection is five kernels and one compaction:
 5. ``prune_rank``: those rank themselves against their seed's list by (more measurements, lower chi^2,
    lower row) and stay when the rank is below the cap.
 
-The rows kept are returned in row order, as the array code returns them. Which rows are kept does not
+The result is a flag per row (the next layer step skips the others), the rows the array code keeps. Which rows are kept does not
 depend on the order of the atomics. ``tests/test_fused_host.py`` and ``tests/test_fused.py`` check the
 result against the array code. The kernels read the packed tables' columns at the positions
 kernels/candidates.py defines (chi2 = real column 30; event, seed, n_meas, m1, m2 = index columns
@@ -50,6 +51,22 @@ __device__ __forceinline__ double quality_(const double* real, const long long* 
 __device__ __forceinline__ long long merge_key_(const long long* index, long long i, long long n_meas_total) {
     const long long* r = index + 8 * i;
     return (r[1] * (n_meas_total + 1) + r[6]) * (n_meas_total + 1) + r[7];
+}
+
+// the hash table's empty slots and the per-seed counters, in one launch
+extern "C" __global__ void prune_clear(
+    long long size, long long n_seeds, long long* table_key, unsigned long long* table_q,
+    unsigned long long* table_row, unsigned long long* count, unsigned long long* cursor) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < size) {
+        table_key[i] = EMPTY_KEY;
+        table_q[i] = ~0ULL;
+        table_row[i] = (unsigned long long)NO_ROW;
+    }
+    if (i < n_seeds) {
+        count[i] = 0;
+        cursor[i] = 0;
+    }
 }
 
 extern "C" __global__ void prune_insert(
@@ -135,8 +152,8 @@ def _launch(name: str, n: int, args: tuple) -> None:
 def prune(
     xp: ModuleType, real: Array, index: Array, n_meas_total: int, n_seeds: int, max_per_seed: int, merge: bool
 ) -> Array:
-    """Rows (ascending) of the packed candidates ``real``/``index`` (kernels/candidates.py) that survive
-    the duplicate merge (when ``merge``) and the per-seed cap: the rows the array code keeps.
+    """Which of the packed candidates ``real``/``index`` (kernels/candidates.py) survive the duplicate
+    merge (when ``merge``) and the per-seed cap (bool per row): the rows the array code keeps.
 
     Args:
         n_meas_total: measurements the m1/m2 columns index (the merge key's radix).
@@ -147,9 +164,18 @@ def prune(
     i64, u64 = xp.int64, xp.uint64
     n32 = xp.int32(n)
     size = 1 << max(4, (2 * n - 1).bit_length())  # at most half full: short probe chains
-    table_key = xp.full(size if merge else 1, -1, dtype=i64)
-    table_q = xp.full(size if merge else 1, 2**64 - 1, dtype=u64)
-    table_row = xp.full(size if merge else 1, 2**63 - 1, dtype=u64)
+    size_used = size if merge else 1
+    table_key = xp.empty(size_used, dtype=i64)
+    table_q = xp.empty(size_used, dtype=u64)
+    table_row = xp.empty(size_used, dtype=u64)
+    n_counts = max(n_seeds, 1)
+    count = xp.empty(n_counts, dtype=u64)
+    cursor = xp.empty(n_counts, dtype=u64)
+    _launch(
+        "prune_clear",
+        max(size_used, n_counts),
+        (i64(size_used), i64(n_counts), table_key, table_q, table_row, count, cursor),
+    )
     slot_of = xp.empty(n, dtype=i64)
     mask = i64(size - 1)
     _launch(
@@ -160,14 +186,12 @@ def prune(
     _launch("prune_winner", n, (real, index, n32, slot_of, table_q, table_row))
     del table_key, table_q
     alive = xp.empty(n, dtype=bool)
-    count = xp.zeros(max(n_seeds, 1), dtype=u64)
     _launch("prune_count", n, (index, n32, slot_of, table_row, alive, count))
     del table_row, slot_of
-    ends = xp.cumsum(count).astype(i64)
-    cursor = xp.zeros_like(count)
+    ends = xp.cumsum(count, dtype=i64)
     listing = xp.empty(n, dtype=i64)
     cap = i64(max_per_seed)
     _launch("prune_fill", n, (index, n32, alive, count, ends, cap, cursor, listing))
     keep = xp.empty(n, dtype=bool)
     _launch("prune_rank", n, (real, index, n32, alive, count, ends, cap, listing, keep))
-    return xp.nonzero(keep)[0]
+    return keep

@@ -83,5 +83,5 @@ def test_fused_prune_keeps_the_rows_the_array_code_keeps(xp, monkeypatch, merge,
     n_total = 6
     ref = _merge_duplicates(xp, cands, n_total) if merge else cands
     ref = _cap_per_seed(xp, ref, 2) if n else ref
-    rows = fused_prune.prune(xp, cands.real, cands.index, n_total, 20, 2, merge)
+    rows = xp.nonzero(fused_prune.prune(xp, cands.real, cands.index, n_total, 20, 2, merge))[0]
     np.testing.assert_array_equal(to_numpy(rows), to_numpy(ref.node))

@@ -143,3 +143,25 @@ def test_spacepoints_and_track_parameters_are_the_array_codes(bundled, detector,
     assert got_p.module.dtype == ref_p.module.dtype
     np.testing.assert_allclose(got_p.params, ref_p.params, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(got_p.cov, ref_p.cov, rtol=1e-13, atol=1e-16)
+
+
+def test_ckf_start_kernel_is_the_array_start(bundled, detector, request):
+    """seed_start: every seed's three measurements filtered in one kernel, the same rows and nodes."""
+    from kernels import ckf
+    from kernels.measurement_errors import measurement_variances
+
+    chain = Chain(np, detector, ChainConfig())
+    front = chain.run_front([load_cells(discover(bundled)[0], detector)], {})
+    det, geo = chain.detector, chain.finding_geometry
+    mv0, mv1 = measurement_variances(np, det, front.measurements, chain.config.measurement_errors)
+    args = (np, det, geo, front.measurements, front.spacepoints, front.seeds, front.params, mv0, mv1)
+    ref_nodes, got_nodes = ckf._Nodes(np), ckf._Nodes(np)
+    ref = ckf._start(*args, ref_nodes)
+    request.getfixturevalue("host_fused")
+    got = ckf._start_fused(*args, got_nodes)
+    assert ref.size > 1000 and got.size == ref.size
+    np.testing.assert_array_equal(got.index, ref.index)
+    # the array start's transport takes the array code's finite differences: ~1e-8 apart in a few entries
+    np.testing.assert_allclose(got.real, ref.real, rtol=1e-6, atol=1e-10)
+    for a, b in zip(ref_nodes.arrays(), got_nodes.arrays(), strict=True):
+        np.testing.assert_array_equal(b, a)
