@@ -38,12 +38,17 @@ exceed ``direct`` by ~3-4 ms: the gateway's send of the event to the broker shar
 where ``direct`` sends from the other one; with ``--cpus ''`` or ``--cpus 0:1:0`` the two are equal
 (the hop into the gateway's broker thread itself costs no measurable time).
 
+A gateway pinned to one core packs each request in one thread. Give it several (``--cpus 0:1-4:5`` on a
+larger host) and it packs a lone request in pieces on up to 3 threads (``--pack-threads`` sets the
+number for the gateways of both trees where they have the setting).
+
     .venv/bin/python bench/gateway_latency.py [--requests 40] [--baseline DIR] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -86,8 +91,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cpus",
         default="0:1" if len(os.sched_getaffinity(0)) >= 2 else "",
         help="CLIENT:SERVER[:BROKER] cores: the client and the stand-in worker on one, the gateway and "
-        "(unless BROKER names another) the broker on the other ('' leaves placement to the OS; "
-        "default %(default)r)",
+        "(unless BROKER names another) the broker on the other; each a core or a list such as 1-4 or "
+        "1,3 (a gateway on several cores packs a lone request with several threads) ('' leaves "
+        "placement to the OS; default %(default)r)",
+    )
+    p.add_argument(
+        "--pack-threads",
+        type=int,
+        help="the gateways' pack_threads (default theirs: by the cores they may use; a baseline "
+        "without the setting ignores it)",
     )
     p.add_argument(
         "--tree",
@@ -109,6 +121,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--endpoints-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--timings-file", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def cpu_list(text: str) -> set[int]:
+    """Cores from ``2``, ``1-4`` or ``1,3,5-6``."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
 
 
 # --- the event and the answer ----------------------------------------------------------------------
@@ -320,7 +341,10 @@ def serve(args: argparse.Namespace) -> int:
 
     gs.build_servicer = build_servicer  # type: ignore[assignment]
 
-    config = GatewayConfig(broker=args.broker, detector=BUNDLED, request_timeout_s=60.0)
+    settings: dict[str, Any] = {}
+    if args.pack_threads and "pack_threads" in {f.name for f in dataclasses.fields(GatewayConfig)}:
+        settings["pack_threads"] = args.pack_threads
+    config = GatewayConfig(broker=args.broker, detector=BUNDLED, request_timeout_s=60.0, **settings)
     app = GatewayApp(config, Ports("127.0.0.1", 0, 0, -1), grpc_threads=8)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -575,11 +599,15 @@ def _git_head(root: Path) -> str:
         return ""
 
 
-def start_gateway(broker: str, run: Path, tag: str, root: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+def start_gateway(
+    broker: str, run: Path, tag: str, root: Path, pack_threads: int | None = None
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """A gateway (this script's ``--serve``) importing trackfleet from ``root``; its endpoints and timings files."""
     ep, timings = run / f"gateway{tag}.json", run / f"timings{tag}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--root", str(root), "--broker", broker]
     cmd += ["--endpoints-file", str(ep), "--timings-file", str(timings)]
+    if pack_threads:
+        cmd += ["--pack-threads", str(pack_threads)]
     log = (run / f"gateway{tag}.log").open("wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -632,12 +660,13 @@ def main(argv: list[str] | None = None) -> int:
         "request_mb": round(size_mb, 2),
         "tracks": args.tracks,
         "cpus": args.cpus,
+        "pack_threads": args.pack_threads,
         "trees": {tag or "current": f"{root} ({_git_head(root)})" for tag, root in trees.items()},
     }
     # On a small machine placement decides how fast 10 MB cross loopback: a sender and a receiver that share
     # a core take turns (on this 2-core VM, ~25 ms for a gRPC request instead of ~10). Pinning makes runs
     # comparable; the broker shares the gateway's core, which if anything overstates the gateway's cost.
-    cpus = [{int(c)} for c in args.cpus.split(":")] if args.cpus else []
+    cpus = [cpu_list(c) for c in args.cpus.split(":")] if args.cpus else []
     client_cpus, server_cpus = (cpus[0], cpus[1]) if cpus else (None, None)
     broker_cpus = cpus[2] if len(cpus) > 2 else server_cpus
     try:
@@ -647,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         if server_cpus:
             os.sched_setaffinity(0, server_cpus)  # inherited by the gateways
         for tag, root in trees.items():
-            gateways[tag] = start_gateway(fleet.frontend, run, tag, root)
+            gateways[tag] = start_gateway(fleet.frontend, run, tag, root, args.pack_threads)
         if client_cpus:
             os.sched_setaffinity(0, client_cpus)  # before this process starts any thread
         worker = InstantWorker(fleet.backend, (header, *bufs))

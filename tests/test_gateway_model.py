@@ -407,3 +407,202 @@ def test_pack_inputs_checks_like_cells_from_inputs(detector):
     with pytest.raises(InferError, match="exceed") as err:
         model.pack_inputs(tensors, detector, max_cells=10)
     assert err.value.status is Status.TOO_LARGE
+
+
+# --- packing in pieces on a thread pool ---------------------------------------------------------------
+
+
+def pack_outcome(tensors, detector=None, **kw):
+    """What pack_inputs makes of a request: its header and column bytes, or its error."""
+    try:
+        got = model.pack_inputs(tensors, detector, "fp", **kw)
+    except InferError as exc:
+        return ("error", exc.status, str(exc))
+    return (
+        "packed",
+        got.event_id,
+        got.n_cells,
+        got.header,
+        [(b.dtype.str, b.tobytes()) for b in got.buffers],
+    )
+
+
+@pytest.fixture
+def pieces(monkeypatch):
+    """A pool, pieces of a few cells, the ranges _scan_piece was given and the requests the one-sweep
+    path left to _pack_checked (both cleared by the tests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(model, "MIN_PIECE_CELLS", 8)
+    ranges: list[tuple[int, int]] = []
+    checked: list[int] = []
+    scan, pack_checked = model._scan_piece, model._pack_checked
+
+    def spy(tensors, tables, out, a, b):
+        ranges.append((a, b))
+        return scan(tensors, tables, out, a, b)
+
+    def spy_checked(tensors, *a):
+        checked.append(tensors["GEOMETRY_ID"].shape[0])
+        return pack_checked(tensors, *a)
+
+    monkeypatch.setattr(model, "_scan_piece", spy)
+    monkeypatch.setattr(model, "_pack_checked", spy_checked)
+    with ThreadPoolExecutor(3) as pool:
+        yield pool, ranges, checked
+
+
+def test_pack_inputs_in_pieces_gives_the_serial_bytes(pieces, detector, rng):
+    pool, ranges, checked = pieces
+    ids = np.asarray(detector.geometry_id)
+    bins = np.asarray(detector.seg_bins)
+    pick = np.sort(rng.choice(ids.shape[0], 30, replace=False))
+    cases = {
+        "narrow": (sorted_tensors(400, rng, truth=lambda m: rng.integers(0, 2**32, m)), None),
+        "truth in int64": (sorted_tensors(400, rng, truth=lambda m: rng.integers(-1, 2**40, m)), None),
+        "one piece's truth in int64": (
+            sorted_tensors(400, rng, truth=lambda m: np.r_[rng.integers(0, 9, m - 1), -1]),
+            None,
+        ),
+        "wide channels": (sorted_tensors(400, rng, channel_max=100_000), None),
+        "no timestamp, no truth": (sorted_tensors(400, rng, timestamp=False), None),
+        "one module": (sorted_tensors(60, rng, modules=np.array([7], np.uint64)), None),
+        "two modules": (sorted_tensors(60, rng, channel_max=6, modules=np.array([7, 9], np.uint64)), None),
+        "detector": (
+            sorted_tensors(400, rng, channel_max=int(bins[pick].min()), modules=ids[pick]),
+            detector,
+        ),
+    }
+    for name, (tensors, det) in cases.items():
+        serial = pack_outcome(tensors, det)
+        assert serial[0] == "packed", name
+        for k in (2, 3, 4, 7):
+            ranges.clear()
+            checked.clear()
+            assert pack_outcome(tensors, det, pool=pool, pieces=k) == serial, (name, k)
+            assert checked == ([] if name != "wide channels" else [400]), (name, k)  # the one sweep
+            n = tensors["GEOMETRY_ID"].shape[0]
+            starts = sorted(a for a, _ in ranges)
+            assert starts[0] == 0 and sorted(b for _, b in ranges)[-1] == n, (name, k)
+            g = tensors["GEOMETRY_ID"]
+            assert all(g[a] != g[a - 1] for a in starts[1:]), (name, k)  # whole modules in each piece
+            if name not in ("one module", "wide channels"):
+                assert len(ranges) > 1, (name, k)
+    assert_packed_like_pack_event(cases["detector"][0], detector, "fp")
+
+
+def test_pack_inputs_in_pieces_refuses_like_the_serial_path(pieces, detector, rng):
+    # every bad value, order and detector violation in the first piece, at a boundary between pieces
+    # and in the last piece: the same KServe error as serially (or the same event where it is valid)
+    pool, ranges, _ = pieces
+    ids = np.asarray(detector.geometry_id)
+    bins = np.asarray(detector.seg_bins)
+    pick = np.sort(rng.choice(ids.shape[0], 30, replace=False))
+    good = sorted_tensors(
+        300, rng, channel_max=int(bins[pick].min()), modules=ids[pick], truth=lambda m: rng.integers(0, 99, m)
+    )
+    n = good["GEOMETRY_ID"].shape[0]
+    model.pack_inputs(good, detector, pool=pool, pieces=3)
+    bounds = sorted(a for a, _ in ranges)
+    assert len(bounds) == 3
+    spots = sorted({0, 1, bounds[1] - 1, bounds[1], bounds[2], n - 1})
+
+    def changed(name, k, value):
+        arr = good[name].copy()
+        arr[k] = value
+        return {**good, name: arr}
+
+    def swapped(k):  # cells k - 1 and k change places (out of order)
+        return {
+            name: (arr[np.r_[: k - 1, k, k - 1, k + 1 : n]] if arr.shape[0] == n else arr)
+            for name, arr in good.items()
+        }
+
+    def duplicated(k):  # cell k repeats cell k - 1 (same module and channels)
+        return {
+            name: (
+                np.r_[arr[:k], arr[k - 1 : k], arr[k + 1 :]]
+                if name in ("GEOMETRY_ID", "CHANNEL0", "CHANNEL1")
+                else arr
+            )
+            for name, arr in good.items()
+        }
+
+    order = rng.permutation(n)
+    requests = {
+        "too many cells": (good, {"max_cells": n - 1}),
+        "event id": ({**good, "EVENT_ID": np.array([2**63], "<u8")}, {}),
+        "shuffled": ({k: (v[order] if v.shape[0] == n else v) for k, v in good.items()}, {}),
+        "reversed": ({k: (v[::-1].copy() if v.shape[0] == n else v) for k, v in good.items()}, {}),
+    }
+    for k in spots:
+        m = int(np.searchsorted(ids, good["GEOMETRY_ID"][k]))
+        requests |= {
+            f"negative channel0 at {k}": (changed("CHANNEL0", k, -1), {}),
+            f"negative channel1 at {k}": (changed("CHANNEL1", k, -3), {}),
+            f"channel0 of 2^16 at {k}": (changed("CHANNEL0", k, 2**16), {}),
+            f"channel0 outside at {k}": (changed("CHANNEL0", k, bins[m, 0]), {}),
+            f"channel1 outside at {k}": (changed("CHANNEL1", k, bins[m, 1]), {}),
+            f"NaN value at {k}": (changed("VALUE", k, np.nan), {}),
+            f"inf timestamp at {k}": (changed("TIMESTAMP", k, -np.inf), {}),
+            f"unknown module at {k}": (changed("GEOMETRY_ID", k, ids.max() + 1), {}),
+            f"truth -1 at {k}": (changed("TRUTH_ID", k, -1), {}),
+        }
+        if k:
+            requests[f"out of order at {k}"] = (swapped(k), {})
+            requests[f"duplicate at {k}"] = (duplicated(k), {})
+    errors = 0
+    for name, (tensors, kw) in requests.items():
+        serial = pack_outcome(tensors, detector, **kw)
+        errors += serial[0] == "error"
+        for k in (2, 3):
+            assert pack_outcome(tensors, detector, pool=pool, pieces=k, **kw) == serial, (name, k)
+        if serial[0] == "packed":  # a valid request another way (unsorted, wide truth): the reader's bytes
+            assert_packed_like_pack_event(tensors, detector, "fp")
+    assert errors >= len(requests) - 3 * len(spots) - 2  # duplicates, reordering and truth -1 are valid
+
+
+def test_gateway_packs_a_lone_request_on_its_pack_threads(detector, monkeypatch, rng):
+    from producer.gateway.service import Gateway, GatewayConfig, default_pack_threads
+
+    assert 1 <= default_pack_threads() <= 3
+    with pytest.raises(ValueError, match="pack_threads"):
+        GatewayConfig(pack_threads=0)
+    monkeypatch.setattr(model, "MIN_PIECE_CELLS", 8)
+    calls: list[tuple[bool, int]] = []
+    pack = model.pack_inputs
+
+    def spy(*a, pool=None, pieces=1, **kw):
+        calls.append((pool is not None, pieces))
+        return pack(*a, pool=pool, pieces=pieces, **kw)
+
+    monkeypatch.setattr("producer.gateway.service.pack_inputs", spy)
+    tensors = sorted_tensors(400, rng, truth=lambda m: rng.integers(0, 9, m))
+    serial = model.pack_inputs(tensors)
+    for threads, expected in ((3, (True, 3)), (1, (False, 1))):
+        gw = Gateway(GatewayConfig(broker="tcp://127.0.0.1:1", pack_threads=threads))
+        try:
+            got = gw._pack(tensors)
+            assert calls.pop() == expected
+            assert got.header == serial.header
+            assert [b.tobytes() for b in got.buffers] == [b.tobytes() for b in serial.buffers]
+            gw._packing = 1  # another request is being packed: this one takes one thread
+            gw._pack(tensors)
+            assert calls.pop() == (False, 1)
+            gw._packing = 0
+        finally:
+            gw.stop()
+        assert model.pack_inputs(tensors, pool=gw._pack_pool or None, pieces=threads).header == serial.header
+
+
+def test_scan_piece_gives_up_on_a_range_that_begins_inside_a_module(detector):
+    # (boundaries found by bisecting unsorted ids can fall anywhere; the serial path then decides)
+    g0 = np.asarray(detector.geometry_id)[:2].astype("<u8")
+    tensors = sorted_tensors(40, np.random.default_rng(3), channel_max=5, modules=g0)
+    n = tensors["GEOMETRY_ID"].shape[0]
+    out = {"channel0": np.empty(n, "<u2"), "channel1": np.empty(n, "<u2"), "measurement_id": None}
+    tables = model._detector_tables(detector)
+    assert model._scan_piece(tensors, tables, out, 0, n).ok
+    inside = int(np.flatnonzero(tensors["GEOMETRY_ID"] == g0[0])[-1])  # last cell of the first module
+    assert not model._scan_piece(tensors, tables, out, inside, n).ok
+    assert not model._scan_piece(tensors, tables, out, 1, inside).ok  # no module begins in it

@@ -44,6 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-in-flight", type=int, default=1024, help="requests held at once; more get 503")
     p.add_argument("--grpc-threads", type=int, default=64, help="gRPC requests served at once")
     p.add_argument(
+        "--pack-threads",
+        type=int,
+        help="threads that check and pack a request while it is the only one being packed (default: "
+        "3 with 4 or more usable cores, 2 with 2-3, else 1)",
+    )
+    p.add_argument(
         "--grace-s", type=float, default=10.0, help="on SIGTERM, time for requests in progress [s]"
     )
     p.add_argument("--endpoints-file", type=Path, help="write the bound ports here (JSON)")
@@ -79,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             max_request_bytes=int(args.max_request_mb * 2**20),
             request_timeout_s=args.request_timeout_s,
             max_in_flight=args.max_in_flight,
+            pack_threads=args.pack_threads,
             client=ClientConfig(keys=client_keys(args.curve_secret, args.curve_server_key)),
         )
     except ValueError as exc:

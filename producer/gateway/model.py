@@ -45,8 +45,10 @@ MEASUREMENT_TRUTH_ID    INT64  [M]       TRUTH_ID of the measurement's first cel
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -421,25 +423,69 @@ _U32_MAX = 2**32 - 1
 
 
 def pack_inputs(
-    tensors: Mapping[str, np.ndarray], detector: Any = None, fingerprint: str = "", max_cells: int = MAX_CELLS
+    tensors: Mapping[str, np.ndarray],
+    detector: Any = None,
+    fingerprint: str = "",
+    max_cells: int = MAX_CELLS,
+    pool: Executor | None = None,
+    pieces: int = 1,
 ) -> PackedRequest:
     """Check a request's values and pack its event: the same bytes as
     ``pack_event(cells_from_inputs(tensors, detector, max_cells), fingerprint)``, in about half the time.
 
-    Cells that come sorted and duplicate-free (perf_analyzer's data, a producer's events) are checked and
-    packed in a few vectorized passes over each column, using the module boundaries once for the order
-    check, the run-length encoding and the detector check; channels and truth ids are narrowed only
-    where the packed format narrows them, and VALUE / TIMESTAMP travel as views of the request. Any other
-    order takes :func:`cells_from_inputs` (sort and merge) and :func:`~kernels.edm.packed.pack_event`.
+    Cells that come sorted and duplicate-free (perf_analyzer's data, a producer's events) with channels
+    below 2^16 take :func:`_scan_cells`: every check and the packing in one sweep over each range of
+    cells, optionally split into ``pieces`` ranges of whole modules scanned in parallel (numpy releases
+    the GIL); VALUE / TIMESTAMP travel as views of the request. Anything that sweep does not accept (a bad
+    value, another order, duplicates, wider channels, a cell outside the detector) is checked and packed
+    again by :func:`_pack_checked`, which raises the error or takes the reader's path (sort and merge):
+    the sweep only decides how fast a request is packed, never what is accepted or which error it gets.
 
     Args:
         tensors: checked inputs (:func:`decode_inputs`).
         detector: when given, geometry ids must be sensitive modules and channels inside their segmentation.
         fingerprint: the detector's fingerprint, stamped on the event ("" for none).
         max_cells: cells accepted in one request.
+        pool: runs all ranges but the first (which the calling thread scans); None: one range.
+        pieces: ranges to split a large event into (each at least :data:`MIN_PIECE_CELLS` cells).
 
     Raises:
         InferError: as :func:`cells_from_inputs`.
+    """
+    n = int(tensors["GEOMETRY_ID"].shape[0])
+    if 2 <= n <= max_cells:
+        cols = _scan_cells(tensors, detector, pool if pieces > 1 else None, pieces)
+        if cols is not None:
+            event_id = _event_id(tensors)
+            if event_id <= MAX_EVENT_ID:
+                return _packed_request(event_id, n, fingerprint, cols)
+    return _pack_checked(tensors, detector, fingerprint, max_cells)
+
+
+def _event_id(tensors: Mapping[str, np.ndarray]) -> int:
+    return int(tensors["EVENT_ID"].reshape(-1)[0]) if "EVENT_ID" in tensors else 0
+
+
+def _packed_request(event_id: int, n: int, fingerprint: str, cols: Mapping[str, np.ndarray]) -> PackedRequest:
+    header = {  # as kernels.edm.packed.pack_event writes it (tests compare the bytes)
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "event_id": event_id,
+        "n_cells": n,
+        "detector": fingerprint,
+        "columns": [[name, a.dtype.str, int(a.shape[0])] for name, a in cols.items()],
+    }
+    return PackedRequest(event_id, n, msgpack.packb(header), tuple(cols.values()))
+
+
+def _pack_checked(
+    tensors: Mapping[str, np.ndarray], detector: Any, fingerprint: str, max_cells: int
+) -> PackedRequest:
+    """:func:`pack_inputs` one check at a time: raises the first error, handles any order and width.
+
+    Sorted, duplicate-free cells are packed in vectorized passes over each column, using the module
+    boundaries once for the order check, the run-length encoding and the detector check; any other
+    order takes :func:`cells_from_inputs` (sort and merge) and :func:`~kernels.edm.packed.pack_event`.
     """
     event_id, largest = _check_values(tensors, max_cells)
     g = tensors["GEOMETRY_ID"]
@@ -470,15 +516,192 @@ def pack_inputs(
         top, non_negative = _largest(truth)
         fits = non_negative and top <= _U32_MAX
         cols["measurement_id"] = truth.astype("<u4") if fits else np.ascontiguousarray(truth, "<i8")
-    header = {  # as kernels.edm.packed.pack_event writes it (tests compare the bytes)
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "event_id": event_id,
-        "n_cells": n,
-        "detector": fingerprint,
-        "columns": [[name, a.dtype.str, int(a.shape[0])] for name, a in cols.items()],
+    return _packed_request(event_id, n, fingerprint, cols)
+
+
+# --- the one-sweep path ------------------------------------------------------------------------------
+
+#: Smallest range of cells :func:`pack_inputs` hands to a thread of its pool.
+MIN_PIECE_CELLS = 32_768
+_SHIFT16 = np.uint32(16)
+_SCAN_DTYPES = {
+    "GEOMETRY_ID": "<u8",
+    "CHANNEL0": "<i4",
+    "CHANNEL1": "<i4",
+    "VALUE": "<f4",
+    "TIMESTAMP": "<f4",
+    "TRUTH_ID": "<i8",
+}
+
+
+@dataclass(frozen=True)
+class _DetectorTables:
+    """A detector's module ids and bins as contiguous columns (one lookup and two gathers per request)."""
+
+    detector: Any
+    ids: np.ndarray
+    bins0: np.ndarray
+    bins1: np.ndarray
+
+
+_TABLES: dict[int, _DetectorTables] = {}
+
+
+def _detector_tables(detector: Any) -> _DetectorTables:
+    tables = _TABLES.get(id(detector))
+    if tables is None or tables.detector is not detector:
+        bins = np.asarray(detector.seg_bins)
+        tables = _DetectorTables(
+            detector,
+            np.ascontiguousarray(detector.geometry_id, np.uint64),
+            np.ascontiguousarray(bins[:, 0], np.int64),
+            np.ascontiguousarray(bins[:, 1], np.int64),
+        )
+        if len(_TABLES) >= 8:  # a few detectors per process at most (tests); never grow without bound
+            _TABLES.clear()
+        _TABLES[id(detector)] = tables
+    return tables
+
+
+@dataclass
+class _Piece:
+    """What scanning one range of cells found (:func:`_scan_piece`); ``ok`` False: the sweep gives up."""
+
+    ok: bool
+    starts: np.ndarray | None = None
+    truth_fits: bool = True
+
+
+def _scan_cells(
+    tensors: Mapping[str, np.ndarray], detector: Any, pool: Executor | None, pieces: int
+) -> dict[str, np.ndarray] | None:
+    """The packed columns of a request whose cells all pass every check of :func:`_check_values` and
+    the detector, are strictly increasing in (geometry_id, channel1, channel0) and have channels below
+    2^16 (the common case); None for any other request (:func:`_pack_checked` then decides).
+
+    The cells are split into ranges that begin at a module's first cell; each range is checked and
+    packed by :func:`_scan_piece` (the calling thread takes the first, ``pool`` the others), every
+    check on the cell before the range too, so that the pieces together see every pair of neighbours.
+    """
+    if any(
+        name in tensors and (tensors[name].dtype.str != dt or not tensors[name].flags.c_contiguous)
+        for name, dt in _SCAN_DTYPES.items()
+    ):
+        return None
+    g = tensors["GEOMETRY_ID"]
+    n = int(g.shape[0])
+    truth = tensors.get("TRUTH_ID")
+    out = {
+        "channel0": np.empty(n, "<u2"),
+        "channel1": np.empty(n, "<u2"),
+        "measurement_id": np.empty(n, "<u4") if truth is not None else None,
     }
-    return PackedRequest(event_id, n, msgpack.packb(header), tuple(cols.values()))
+    tables = _detector_tables(detector) if detector is not None else None
+    k = max(1, min(pieces, n // MIN_PIECE_CELLS)) if pool is not None else 1
+    # range boundaries at the first cell of a module, that of the cell at i/k of the event or of the next
+    # module (when the ids are sorted; if they are not, the checks fail whatever the boundaries are)
+    bounds = [0]
+    for i in range(1, k):
+        module = g[n * i // k]
+        a = int(np.searchsorted(g, module))
+        bounds.append(max(bounds[-1], a if a > bounds[-1] else int(np.searchsorted(g, module, "right"))))
+    bounds.append(n)
+    ranges = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+    later = [_submit(pool, tensors, tables, out, a, b) for a, b in ranges[1:]] if pool else []
+    found = [_scan_piece(tensors, tables, out, *ranges[0]), *(f.result() for f in later)]
+    if not all(p.ok for p in found):
+        return None
+    starts = np.concatenate([p.starts for p in found]) if len(found) > 1 else found[0].starts
+    module_ids = g[starts]
+    if not bool((module_ids[1:] > module_ids[:-1]).all()):
+        return None
+    counts = np.empty(starts.shape[0], "<u4")
+    np.subtract(starts[1:], starts[:-1], out=counts[:-1], casting="unsafe")
+    counts[-1] = n - starts[-1]
+    ts = tensors.get("TIMESTAMP")
+    cols = {
+        "module_ids": module_ids,
+        "module_counts": counts,
+        "channel0": out["channel0"],
+        "channel1": out["channel1"],
+        "activation": tensors["VALUE"],
+        "time": ts if ts is not None else np.zeros(n, "<f4"),
+    }
+    if truth is not None:
+        cols["measurement_id"] = out["measurement_id"] if all(p.truth_fits for p in found) else truth
+    return cols
+
+
+def _submit(pool: Executor, *args: Any) -> Future[_Piece]:
+    """:func:`_scan_piece` on ``pool``, or at once in this thread if the pool was shut down."""
+    try:
+        return pool.submit(_scan_piece, *args)
+    except RuntimeError:  # the gateway is stopping
+        done: Future[_Piece] = Future()
+        done.set_result(_scan_piece(*args))
+        return done
+
+
+def _scan_piece(
+    tensors: Mapping[str, np.ndarray],
+    tables: _DetectorTables | None,
+    out: Mapping[str, np.ndarray | None],
+    a: int,
+    b: int,
+) -> _Piece:
+    """Check cells ``a:b`` and write their packed channels (and truth ids where they fit 32 bits) into
+    ``out``: every check of the one-sweep path, each array read as few times as numpy allows.
+
+    Channels are read as uint32 (a negative one is then above 2^31); below 2^16, ``channel1 << 16 |
+    channel0`` rises strictly within a module exactly when the cells do. The largest channel0 of each
+    module and the channel1 of its last cell (the largest, in this order) are checked against its bins.
+    """
+    g = tensors["GEOMETRY_ID"]
+    lo = max(a - 1, 0)  # the cell before the range: its order with the range's first cell
+    c0 = tensors["CHANNEL0"][lo:b].view("<u4")
+    c1 = tensors["CHANNEL1"][lo:b].view("<u4")
+    if int(c0.max()) > _U16_MAX or int(c1.max()) > _U16_MAX:
+        return _Piece(False)
+    for name in ("VALUE", "TIMESTAMP"):
+        v = tensors.get(name)
+        if v is not None and not bool(np.isfinite(v[a:b]).all()):
+            return _Piece(False)
+    gs = g[lo:b]
+    new_module = gs[1:] != gs[:-1]
+    key = np.left_shift(c1, _SHIFT16)
+    key |= c0
+    rising = key[1:] > key[:-1]
+    rising |= new_module
+    if not bool(rising.all()):
+        return _Piece(False)
+    first = np.flatnonzero(new_module)
+    first += lo + 1
+    starts = first if a else np.r_[0, first]
+    if starts.shape[0] == 0 or starts[0] != a:  # not sorted by module (the range begins inside one)
+        return _Piece(False)
+    ch0, ch1 = out["channel0"][a:b], out["channel1"][a:b]  # type: ignore[index]
+    np.copyto(ch0, c0[a - lo :], casting="unsafe")
+    np.copyto(ch1, c1[a - lo :], casting="unsafe")
+    if tables is not None:
+        module_ids = g[starts]
+        pos = np.searchsorted(tables.ids, module_ids)
+        np.minimum(pos, tables.ids.shape[0] - 1, out=pos)
+        outside = tables.ids.take(pos) != module_ids
+        local = starts - a
+        outside |= np.maximum.reduceat(ch0, local) >= tables.bins0.take(pos)
+        last = np.empty_like(local)
+        last[:-1] = local[1:] - 1
+        last[-1] = b - a - 1
+        outside |= ch1.take(last) >= tables.bins1.take(pos)
+        if bool(outside.any()):
+            return _Piece(False)
+    truth = tensors.get("TRUTH_ID")
+    fits = True
+    if truth is not None:
+        fits = int(truth[a:b].view("<u8").max()) <= _U32_MAX  # a negative id reads as >= 2^63
+        if fits:
+            np.copyto(out["measurement_id"][a:b], truth[a:b], casting="unsafe")  # type: ignore[index]
+    return _Piece(True, starts, fits)
 
 
 def _narrow_channel(c: np.ndarray, largest: int) -> np.ndarray:
