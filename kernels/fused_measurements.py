@@ -5,7 +5,7 @@ scatter reductions over the cells (weights, weighted sums and squares, counts, c
 the per-cluster arithmetic, some forty launches and a wait for the host. Here ``measure_cells`` (one
 thread per cell) does every per-cell sum with atomics in the same arithmetic, and
 ``measure_clusters`` (one thread per cluster) the means, variances, module, event and dimension.
-The truth majority keeps the array code. ``tests/test_fused_host.py`` and ``tests/test_fused.py``
+The truth majority (``truth_*``) counts (cluster, truth) pairs in a hash table instead of two sorts. ``tests/test_fused_host.py`` and ``tests/test_fused.py``
 check the result against the array code.
 """
 
@@ -75,6 +75,56 @@ extern "C" __global__ void measure_clusters(
     out_event[k] = event[first[k]];
     out_dim[k] = dimension[m];
 }
+
+// majority truth: an open-addressing table counts the cells of every (cluster, truth) pair; a slot is
+// claimed by its first cell's index, so a pair is compared through the cells' own columns
+__device__ __forceinline__ unsigned long long pair_hash_(long long k, long long t) {
+    unsigned long long h = (unsigned long long)k * 0x9E3779B97F4A7C15ULL ^ (unsigned long long)t * 0xC2B2AE3D27D4EB4FULL;
+    return h ^ (h >> 29);
+}
+
+extern "C" __global__ void truth_clear(long long size, long long n_clusters, long long* owner, int* count,
+                                       int* best_count, long long* best_truth) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < size) {
+        owner[i] = -1;
+        count[i] = 0;
+    }
+    if (i < n_clusters) {
+        best_count[i] = 0;
+        best_truth[i] = 0x7fffffffffffffffLL;
+    }
+}
+
+extern "C" __global__ void truth_count(const int* cluster, const long long* truth, int n, long long mask,
+                                       long long* owner, int* count, long long* slot_of) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long k = cluster[i], t = truth[i];
+    long long s = (long long)(pair_hash_(k, t) & (unsigned long long)mask);
+    while (true) {
+        long long prev = (long long)atomicCAS((unsigned long long*)&owner[s], (unsigned long long)-1LL,
+                                              (unsigned long long)i);
+        if (prev == -1 || (cluster[prev] == k && truth[prev] == t)) break;
+        s = (s + 1) & mask;
+    }
+    atomicAdd(&count[s], 1);
+    slot_of[i] = s;
+}
+
+extern "C" __global__ void truth_best_count(const int* cluster, int n, const int* count, const long long* slot_of,
+                                            int* best_count) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    atomicMax(&best_count[cluster[i]], count[slot_of[i]]);
+}
+
+extern "C" __global__ void truth_best_id(const int* cluster, const long long* truth, int n, const int* count,
+                                         const long long* slot_of, const int* best_count, long long* best_truth) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (count[slot_of[i]] == best_count[cluster[i]]) atomicMin(&best_truth[cluster[i]], truth[i]);
+}
 """
 
 _CUDA = CudaModule(_SOURCE)
@@ -123,3 +173,26 @@ def cluster_moments(
     out["extent0"] = extent[0] - extent[1] + 1
     out["extent1"] = extent[2] - extent[3] + 1
     return out
+
+
+def majority_truth(xp: ModuleType, cluster: Array, truth: Array, n_clusters: int) -> Array:
+    """Most frequent truth id per cluster, ties to the smallest (int64), as
+    :func:`kernels.measurement_creation.majority_truth`: counted in a hash table, no sort."""
+    n = int(cluster.shape[0])
+    i32, i64 = xp.int32, xp.int64
+    size = 1 << max(4, (2 * n - 1).bit_length())  # at most half full
+    owner, count = xp.empty(size, i64), xp.empty(size, i32)
+    best_count, best_truth = xp.empty(max(n_clusters, 1), i32), xp.empty(max(n_clusters, 1), i64)
+    _launch(
+        "truth_clear",
+        max(size, n_clusters),
+        (i64(size), i64(n_clusters), owner, count, best_count, best_truth),
+    )
+    cluster = xp.ascontiguousarray(cluster, dtype=i32)
+    truth = xp.ascontiguousarray(truth, dtype=i64)
+    slot_of = xp.empty(n, i64)
+    _launch("truth_count", n, (cluster, truth, i32(n), i64(size - 1), owner, count, slot_of))
+    _launch("truth_best_count", n, (cluster, i32(n), count, slot_of, best_count))
+    _launch("truth_best_id", n, (cluster, truth, i32(n), count, slot_of, best_count, best_truth))
+    # a cluster without cells (none in the chain; the array code allows them) has no truth: -1
+    return xp.where(best_count[:n_clusters] > 0, best_truth[:n_clusters], -1)

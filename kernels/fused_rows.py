@@ -1,9 +1,11 @@
-"""Spacepoint formation and seed parameter estimation, each in one CUDA kernel.
+"""Spacepoint formation, seed parameter estimation and the fit's measurement variances, each in one
+CUDA kernel.
 
 Both stages are per-row arithmetic: the array code (:mod:`kernels.spacepoint_formation`,
 :mod:`kernels.track_params`) spends some fifty and ninety launches per batch on gathers and
 elementwise operations, which at batch 1 cost far more host time than the arithmetic costs the GPU.
-Here one thread per spacepoint (``spacepoints``) or per seed (``track_params``) does the same
+Here one thread per spacepoint (``spacepoints``), per seed (``track_params``) or per measurement
+(``measurement_variances``, :mod:`kernels.measurement_errors`) does the same
 arithmetic in the same order; the module is compiled without fused multiply-adds so that the results
 are those of the array code bit for bit wherever the math library agrees. ``tests/test_fused_host.py``
 and ``tests/test_fused.py`` compare both with the array code.
@@ -98,6 +100,22 @@ extern "C" __global__ void track_params(
     c[24] = sq * sq;
     out_module[i] = meas_module[mb];
 }
+
+extern "C" __global__ void measurement_variances(
+    const int* module, const int* extent0, const int* extent1, int n, const int* volume_id, const double* seg_min,
+    const double* seg_max, const int* seg_bins, const double* table, int n_extent, double* var0, double* var1) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int m = module[i];
+    int vol = volume_id[m];
+    for (int axis = 0; axis < 2; ++axis) {
+        double pitch = (seg_max[2 * m + axis] - seg_min[2 * m + axis]) / (double)seg_bins[2 * m + axis];
+        int e = (axis == 0 ? extent0[i] : extent1[i]) - 1;
+        e = e < 0 ? 0 : (e > n_extent - 1 ? n_extent - 1 : e);
+        double scale = seg_bins[2 * m + axis] <= 1 ? 1.0 : table[((long long)vol * 2 + axis) * n_extent + e];
+        (axis == 0 ? var0 : var1)[i] = pitch * pitch / 12.0 * scale;
+    }
+}
 """
 
 # no fused multiply-adds: the same roundings as the array code's separate operations
@@ -170,3 +188,19 @@ def track_params(
     )
     _launch("track_params", n, args)
     return params, cov, module
+
+
+def measurement_variances(xp: ModuleType, det, meas, table: Array) -> tuple[Array, Array]:
+    """(var0, var1) of :func:`kernels.measurement_errors.measurement_variances`'s "extent" model;
+    ``table``: its factors [256, 2, n_extent] on the device."""
+    n = int(meas.module.shape[0])
+    c = xp.ascontiguousarray
+    i32, f64 = xp.int32, xp.float64
+    var0, var1 = xp.empty(n, f64), xp.empty(n, f64)
+    args = (
+        c(meas.module, dtype=i32), c(meas.extent0, dtype=i32), c(meas.extent1, dtype=i32), i32(n),
+        c(det.volume_id, dtype=i32), c(det.seg_min, dtype=f64), c(det.seg_max, dtype=f64),
+        c(det.seg_bins, dtype=i32), table, i32(table.shape[2]), var0, var1,
+    )  # fmt: skip
+    _launch("measurement_variances", n, args)
+    return var0, var1

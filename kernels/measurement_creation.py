@@ -62,11 +62,12 @@ def create_measurements(
         cluster: per cell cluster index in [0, n_clusters), clusters numbered by first cell.
         truth: per cell truth measurement id, or None.
     """
-    truth_id = (
-        majority_truth(xp, cluster, truth, n_clusters)
-        if truth is not None
-        else xp.full(n_clusters, -1, dtype=xp.int64)
-    )
+    if truth is None:
+        truth_id = xp.full(n_clusters, -1, dtype=xp.int64)
+    elif fused.enabled(xp):
+        truth_id = fused_measurements.majority_truth(xp, cluster, truth, n_clusters)
+    else:
+        truth_id = majority_truth(xp, cluster, truth, n_clusters)
     if fused.enabled(xp):
         m = fused_measurements.cluster_moments(
             xp, det, module, event, channel0, channel1, activation, cluster, n_clusters

@@ -25,6 +25,7 @@ from types import ModuleType
 
 import numpy as np
 
+from kernels import fused, fused_rows
 from kernels.detector import Detector
 from kernels.edm.measurements import Measurements
 from kernels.errors import ConfigError
@@ -101,7 +102,9 @@ def measurement_variances(
     """(var0, var1) [mm^2] per measurement for the Kalman filter."""
     if cfg.model == "cluster":
         return meas.var0, meas.var1
-    table = xp.asarray(cfg.lookup())
+    table = _device_table(xp, cfg)
+    if fused.enabled(xp):
+        return fused_rows.measurement_variances(xp, det, meas, table)
     vol = det.volume_id[meas.module].astype(xp.int64)
     pitch = (det.seg_max[meas.module] - det.seg_min[meas.module]) / det.seg_bins[meas.module]
     one_bin = det.seg_bins[meas.module] <= 1
@@ -110,3 +113,16 @@ def measurement_variances(
         scale = table[vol, axis, xp.clip(extent.astype(xp.int64) - 1, 0, N_EXTENT - 1)]
         out.append(pitch[:, axis] ** 2 / 12.0 * xp.where(one_bin[:, axis], 1.0, scale))
     return out[0], out[1]
+
+
+_TABLES: dict[tuple[str, int], tuple[MeasurementErrorConfig, Array]] = {}
+
+
+def _device_table(xp: ModuleType, cfg: MeasurementErrorConfig) -> Array:
+    """The config's factor table in ``xp``, built once per config (a copy from host memory waits for the
+    device); the config is kept with it so that its id is not reused."""
+    key = (xp.__name__, id(cfg))
+    hit = _TABLES.get(key)
+    if hit is None or hit[0] is not cfg:
+        hit = _TABLES[key] = (cfg, xp.asarray(cfg.lookup()))
+    return hit[1]

@@ -36,6 +36,7 @@ inline double atomicAdd(double* a, double v) { double old = *a; *a = old + v; re
 inline int atomicAdd(int* a, int v) { int old = *a; *a = old + v; return old; }
 inline int atomicMax(int* a, int v) { int old = *a; if (v > old) *a = v; return old; }
 inline int atomicMin(int* a, int v) { int old = *a; if (v < old) *a = v; return old; }
+inline long long atomicMin(long long* a, long long v) { long long old = *a; if (v < old) *a = v; return old; }
 inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
   unsigned long long old = *a; *a = old + v; return old; }
 """

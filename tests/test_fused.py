@@ -248,3 +248,21 @@ def test_spacepoint_and_track_parameter_kernels_match_array_code(states):
     assert ref[0].shape[0] > 1000
     np.testing.assert_array_equal(got[2], ref[2])
     close(ref[:2], got[:2], rtol=1e-12)
+
+
+def test_majority_truth_and_variance_kernels_match_array_code(states):
+    cp, chain, front = states
+    from kernels.measurement_errors import MeasurementErrorConfig, measurement_variances
+
+    rng = np.random.default_rng(11)
+    cluster = cp.asarray(rng.integers(0, 3000, 25000).astype(np.int32))
+    truth = cp.asarray(rng.integers(-1, 4, 25000).astype(np.int64) * 1_000_003)
+    from kernels import fused_measurements
+    from kernels.measurement_creation import majority_truth
+
+    ref = to_numpy(majority_truth(cp, cluster, truth, 3000))
+    got = to_numpy(fused_measurements.majority_truth(cp, cluster, truth, 3000))
+    np.testing.assert_array_equal(got, ref)
+    cfg = MeasurementErrorConfig()
+    ref, got = both(lambda: list(measurement_variances(cp, chain.detector, front.measurements, cfg)))
+    close(ref, got, rtol=1e-14)

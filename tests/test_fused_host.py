@@ -165,3 +165,31 @@ def test_ckf_start_kernel_is_the_array_start(bundled, detector, request):
     np.testing.assert_allclose(got.real, ref.real, rtol=1e-6, atol=1e-10)
     for a, b in zip(ref_nodes.arrays(), got_nodes.arrays(), strict=True):
         np.testing.assert_array_equal(b, a)
+
+
+def test_majority_truth_and_variances_are_the_array_codes(bundled, detector, request):
+    """Clusters of mixed truth with ties (smallest id wins), one huge cluster, negative ids; and the
+    fit's measurement variances of a bundled event."""
+    from kernels.measurement_creation import majority_truth
+    from kernels.measurement_errors import MeasurementErrorConfig, measurement_variances
+
+    rng = np.random.default_rng(11)
+    cluster = np.sort(rng.integers(0, 3000, 20000)).astype(np.int32)
+    cluster = np.r_[cluster, np.full(5000, 3000, np.int32)]  # one cluster of 5000 cells
+    truth = rng.integers(-1, 4, cluster.shape[0]).astype(np.int64) * 1_000_003
+    perm = rng.permutation(cluster.shape[0])
+    cluster, truth = cluster[perm], truth[perm]
+    ref = majority_truth(np, cluster, truth, 3001)
+    chain = Chain(np, detector, ChainConfig())
+    meas = chain.run_front([load_cells(discover(bundled)[0], detector)], {}).measurements
+    cfg = MeasurementErrorConfig()
+    ref_var = measurement_variances(np, chain.detector, meas, cfg)
+    request.getfixturevalue("host_fused")
+    from kernels import fused_measurements
+
+    got = fused_measurements.majority_truth(np, cluster, truth, 3001)
+    np.testing.assert_array_equal(got, ref)
+    assert got.dtype == np.int64 and len(set(ref.tolist())) == 6  # five ids and -1 (empty clusters)
+    got_var = measurement_variances(np, chain.detector, meas, cfg)
+    for a, b in zip(ref_var, got_var, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-15, atol=0)
