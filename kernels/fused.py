@@ -48,15 +48,19 @@ __device__ __forceinline__ void helix_(double x0, double y0, double z0, double p
 
 __device__ __forceinline__ double guard_(double v, double eps) { return fabs(v) < eps ? eps : v; }
 
-// rotation R (row-major 3x3, columns = local u, v, w), translation t
+// Newton steps from a transported state's path length: kernels/propagation.py WARM_NEWTON_STEPS
+#define WARM_STEPS 2
+
+// rotation R (row-major 3x3, columns = local u, v, w), translation t; the Newton iteration for the path
+// length starts at s_start, or at the straight-line estimate where s_start is NaN
 __device__ void plane_(const double* R, const double* t, double x, double y, double z, double phi, double theta,
                        double h, int steps, double* s_out, double* l0, double* l1, double* phi_out,
-                       double* ox, double* oy, double* oz) {
+                       double* ox, double* oy, double* oz, double s_start = nan("")) {
     double nx = R[2], ny = R[5], nz = R[8];
     double st = sin(theta), ct = cos(theta);
     double dist0 = nx * (t[0] - x) + ny * (t[1] - y) + nz * (t[2] - z);
     double cos_inc = nx * st * cos(phi) + ny * st * sin(phi) + nz * ct;
-    double s = dist0 / guard_(cos_inc, 1e-9);
+    double s = isnan(s_start) ? dist0 / guard_(cos_inc, 1e-9) : s_start;
     double px, py, pz, pphi;
     for (int k = 0; k < steps; ++k) {
         helix_(x, y, z, phi, st, ct, h, s, &px, &py, &pz, &pphi);
@@ -106,13 +110,14 @@ __device__ void scatter_(const double* R, const double* p, double* C, double x0)
 }
 
 __device__ void plane_map_(const double* rot, const double* trans, int src, int dst, const double* p,
-                           double bfield, double c_light, int steps, double* out, double* s_out) {
+                           double bfield, double c_light, int steps, double* out, double* s_out,
+                           double s_start = nan("")) {
     double x, y, z;
     bound_position_(rot + 9 * (long)src, trans + 3 * (long)src, p, &x, &y, &z);
     double h = -p[4] * bfield * c_light;
     double l0, l1, pphi, ox, oy, oz;
     plane_(rot + 9 * (long)dst, trans + 3 * (long)dst, x, y, z, p[2], p[3], h, steps, s_out, &l0, &l1, &pphi,
-           &ox, &oy, &oz);
+           &ox, &oy, &oz, s_start);
     out[0] = l0; out[1] = l1; out[2] = wrap_(pphi); out[3] = p[3]; out[4] = p[4];
 }
 
@@ -133,7 +138,9 @@ __device__ void sandwich_(const double* J, const double* C, double* out) {
         }
 }
 
-// base parameters on dst, their Jacobian J (row-major [out][in]) and J C J^T; returns the path length
+// base parameters on dst, their Jacobian J (row-major [out][in]) and J C J^T; returns the path length.
+// The perturbed maps start their Newton iteration at the base's path length (NaN: the straight line)
+// and need WARM_STEPS steps: the perturbations move the crossing by micrometres
 __device__ double transport_(const double* rot, const double* trans, int src, int dst, const double* p,
                              const double* C, double bfield, double c_light, int steps, const double* fd,
                              double* base, double* J, double* out_cov) {
@@ -145,7 +152,7 @@ __device__ double transport_(const double* rot, const double* trans, int src, in
         double q[5];
         for (int j = 0; j < 5; ++j) q[j] = p[j];
         q[k] += step[k];
-        plane_map_(rot, trans, src, dst, q, bfield, c_light, steps, pert, &s_dummy);
+        plane_map_(rot, trans, src, dst, q, bfield, c_light, WARM_STEPS, pert, &s_dummy, s);
         for (int j = 0; j < 5; ++j) {
             double d = pert[j] - base[j];
             if (j == 2) d = wrap_(d);
