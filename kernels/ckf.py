@@ -393,7 +393,7 @@ class _Context:
         sel = xp.nonzero(in_search)[0]
         o_sel, mod_sel = owner[sel], mod[sel]
         pp, pc, s_t, _ = transport(
-            xp, det, st.module[o_sel], mod_sel, st.params[o_sel], cov[o_sel], self.bfield
+            xp, det, st.module[o_sel], mod_sel, st.params[o_sel], cov[o_sel], self.bfield, s_m[sel]
         )
         ok_t = ~xp.isnan(s_t)
         nearest = xp.full(n, -1, dtype=xp.int64)

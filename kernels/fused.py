@@ -140,14 +140,15 @@ __device__ void sandwich_(const double* J, const double* C, double* out) {
 
 // base parameters on dst, their Jacobian J (row-major [out][in]) and J C J^T; returns the path length.
 // The perturbed maps start their Newton iteration at the base's path length (NaN: the straight line)
-// and need WARM_STEPS steps: the perturbations move the crossing by micrometres
+// and need WARM_STEPS steps: the perturbations move the crossing by micrometres. So does the base where
+// the caller knows the crossing already (s_start, not NaN)
 __device__ double transport_(const double* rot, const double* trans, int src, int dst, const double* p,
                              const double* C, double bfield, double c_light, int steps, const double* fd,
-                             double* base, double* J, double* out_cov) {
+                             double* base, double* J, double* out_cov, double s_start = nan("")) {
     double pert[5], step[5];
     for (int k = 0; k < 5; ++k) step[k] = fd[k] * (k == 4 ? fmax(fabs(p[4]), 1e-3) : 1.0);
     double s, s_dummy;
-    plane_map_(rot, trans, src, dst, p, bfield, c_light, steps, base, &s);
+    plane_map_(rot, trans, src, dst, p, bfield, c_light, isnan(s_start) ? steps : WARM_STEPS, base, &s, s_start);
     for (int k = 0; k < 5; ++k) {
         double q[5];
         for (int j = 0; j < 5; ++j) q[j] = p[j];
@@ -373,7 +374,7 @@ extern "C" __global__ void layer_search(
         double half_x = half_u[3 * (long)m] + (half_u[3 * (long)m + 1] - half_u[3 * (long)m]) * frac;
         if (fabs(l0) <= half_x && fabs(l1) <= hv) crossed = true;
         if (!(fabs(l0) <= half_x + bounds_tol && fabs(l1) <= hv + bounds_tol)) continue;
-        double s_t = transport_(rot, trans, mod, m, p, C, bfield, c_light, steps, fd, pp, J, pc);
+        double s_t = transport_(rot, trans, mod, m, p, C, bfield, c_light, steps, fd, pp, J, pc, s_m);
         if (isnan(s_t)) continue;
         if (mode == 0 && s_t < near_s) {
             near_s = s_t;

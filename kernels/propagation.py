@@ -140,21 +140,33 @@ WARM_NEWTON_STEPS = 2
 
 
 def transport(
-    xp: ModuleType, det: Detector, src: Array, dst: Array, params: Array, cov: Array, bfield_t: float
+    xp: ModuleType,
+    det: Detector,
+    src: Array,
+    dst: Array,
+    params: Array,
+    cov: Array,
+    bfield_t: float,
+    s_start: Array | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Parameters and covariance on ``dst`` planes, the path length [mm] (NaN: no intersection) and
     the Jacobian d(params on dst)/d(params on src) [n, 5, 5].
 
     The Jacobian comes from forward differences of the helix map: the five perturbed propagations in
     one batch, each starting its Newton iteration at the unperturbed path length.
+
+    Args:
+        s_start: the crossings' path lengths [mm] where the caller found them already (the same
+            state and plane): the unperturbed map starts there too and takes WARM_NEWTON_STEPS.
     """
-    if fused.enabled(xp):
+    if fused.enabled(xp) and s_start is None:
         return fused.transport(xp, det, src, dst, params, cov, bfield_t, NEWTON_STEPS)
     n = params.shape[0]
     steps = xp.zeros((5, n), dtype=xp.float64)
     for k, e in enumerate(_FD_STEPS):
         steps[k] = e * (xp.maximum(xp.abs(params[:, 4]), 1e-3) if k == 4 else 1.0)
-    base, s = _plane_map(xp, det, src, dst, params, bfield_t)
+    base_steps = NEWTON_STEPS if s_start is None else WARM_NEWTON_STEPS
+    base, s = _plane_map(xp, det, src, dst, params, bfield_t, s_start, base_steps)
     batch = xp.repeat(params[None, :, :], 5, axis=0)
     for k in range(5):
         batch[k, :, k] += steps[k]
