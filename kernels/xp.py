@@ -7,6 +7,7 @@ imports it (style guide patterns 4 and 6).
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
@@ -39,8 +40,32 @@ def get_namespace(backend: str) -> ModuleType:
             raise RuntimeError(f"backend 'cupy': no usable CUDA device ({exc})") from exc
         if n < 1:  # pragma: no cover
             raise RuntimeError("backend 'cupy': no CUDA device visible")
+        _configure_allocator(cupy, n)
         return cupy
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+#: environment variable choosing CuPy's device allocator: "pool" (CuPy's memory pool, the default) or
+#: "async" (CUDA's stream-ordered allocator, which splits and merges its blocks: a worker keeps about
+#: its peak in use instead of the pool's cached blocks of every size it ever asked for)
+ALLOCATOR_ENV = "TRACKFLEET_CUDA_ALLOCATOR"
+_ALLOCATOR_SET: list[str] = []
+
+
+def _configure_allocator(cupy: ModuleType, n_devices: int) -> None:
+    choice = os.environ.get(ALLOCATOR_ENV, "pool")
+    if choice not in ("pool", "async"):
+        raise ValueError(f"{ALLOCATOR_ENV} must be 'pool' or 'async', not {choice!r}")
+    if choice == "pool" or _ALLOCATOR_SET:
+        return
+    rt = cupy.cuda.runtime
+    release_threshold = getattr(rt, "cudaMemPoolAttrReleaseThreshold", 4)
+    for device in range(n_devices):
+        # keep freed memory in the pool between batches (the default threshold 0 returns it to the
+        # driver at every synchronization, and the next batch maps it again)
+        rt.memPoolSetAttribute(rt.deviceGetDefaultMemPool(device), release_threshold, 2**64 - 1)
+    cupy.cuda.set_allocator(cupy.cuda.MemoryAsyncPool("default").malloc)
+    _ALLOCATOR_SET.append(choice)
 
 
 def cupy_available() -> bool:

@@ -104,3 +104,39 @@ def test_cupy_matches_numpy(xp, bundled, detector):
     t_ref, _ = Chain(np, detector, ChainConfig()).reconstruct(event)
     t_gpu, _ = Chain(xp, detector, ChainConfig()).reconstruct(event)
     assert abs(t_ref.size - t_gpu.size) <= 0.01 * t_ref.size
+
+
+def test_cuda_allocator_choice(monkeypatch):
+    """TRACKFLEET_CUDA_ALLOCATOR: "pool" leaves CuPy's pool, "async" keeps freed memory in every
+    device's stream-ordered pool and installs it once, anything else is an error naming the variable."""
+    import types
+
+    from kernels import xp as xp_module
+
+    calls: list[tuple] = []
+    runtime = types.SimpleNamespace(
+        cudaMemPoolAttrReleaseThreshold=4,
+        deviceGetDefaultMemPool=lambda d: 100 + d,
+        memPoolSetAttribute=lambda pool, attr, value: calls.append(("threshold", pool, attr, value)),
+    )
+    cuda = types.SimpleNamespace(
+        runtime=runtime,
+        MemoryAsyncPool=lambda handles: types.SimpleNamespace(malloc=("malloc", handles)),
+        set_allocator=lambda malloc: calls.append(("allocator", malloc)),
+    )
+    fake = types.SimpleNamespace(cuda=cuda)
+    monkeypatch.setattr(xp_module, "_ALLOCATOR_SET", [])
+    monkeypatch.setenv(xp_module.ALLOCATOR_ENV, "pool")
+    xp_module._configure_allocator(fake, 2)
+    assert calls == []
+    monkeypatch.setenv(xp_module.ALLOCATOR_ENV, "async")
+    xp_module._configure_allocator(fake, 2)
+    xp_module._configure_allocator(fake, 2)  # once per process
+    assert calls == [
+        ("threshold", 100, 4, 2**64 - 1),
+        ("threshold", 101, 4, 2**64 - 1),
+        ("allocator", ("malloc", "default")),
+    ]
+    monkeypatch.setenv(xp_module.ALLOCATOR_ENV, "managed")
+    with pytest.raises(ValueError, match="TRACKFLEET_CUDA_ALLOCATOR"):
+        xp_module._configure_allocator(fake, 2)
