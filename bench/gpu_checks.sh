@@ -5,8 +5,8 @@
 #   bench/gpu_checks.sh MU200_EVENTS OUT_DIR
 #
 # MU200_EVENTS: a mu=200 event directory with its truth (trackfleet simulate --mu 200). Writes into
-# OUT_DIR (at most 6 files): gpu_tests.txt, chain.json, throughput-<card>-1gpu-mu200{,-mps}.json,
-# log.txt. Environment: PAIRS_MPS ("16x8 8x16"), PAIRS ("8x8"), BATCHES ("1 8 16"), PYTHON (python3).
+# OUT_DIR (at most 7 files): gpu_tests.txt, chain.json, timeline.json (bench/gpu_timeline.py; needs
+# PyTorch, as the GPU machines have), throughput-<card>-1gpu-mu200{,-mps}.json, log.txt. Environment: PAIRS_MPS ("16x8 8x16"), PAIRS ("8x8"), BATCHES ("1 8 16"), PYTHON (python3).
 # Needs CuPy, pytest, pyzmq and supervisor importable (../shared/device/README.md).
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,6 +28,9 @@ export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   # shellcheck disable=SC2086
   timeout 300 "$py" bench/chain_bench.py --input "$events" --backend cupy --batch ${BATCHES:-1 8 16} --repeat 3 \
     --tracks "$(mktemp -d)" --json "$out/chain.json" 2>&1 | grep -v "^validate"
+  echo "== where one event's time goes (batch 1)"
+  timeout 200 "$py" bench/gpu_timeline.py --input "$events" --batch 1 --repeat 2 --json "$out/timeline.json" 2>&1 |
+    grep -v "Warning\|warn_once\|up to"
   echo "== fleet without MPS"
   MPS=0 GPUS=0 MUS=200 PAIRS="${PAIRS:-8x8}" timeout 300 bench/run_throughput_study.sh "$events" "$events" "$out" 2>&1 |
     grep -v "^validate"
