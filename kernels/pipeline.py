@@ -206,14 +206,16 @@ class Chain:
         )
         t = stamp("finding", t)
         if not cfg.runs("ambiguity"):
-            return self._to_tracks(front, cands, xp.ones(cands.size, dtype=bool), None, n_events)
+            sel = xp.arange(cands.size, dtype=xp.int64)
+            return self._to_tracks(front, cands, sel, cands.offsets, cands.measurements, None, n_events)
         keep = resolve(xp, cands.offsets, cands.measurements, cands.chi2, meas.size, cfg.ambiguity)
         t = stamp("ambiguity", t)
-        if not cfg.runs("fitting"):
-            return self._to_tracks(front, cands, keep, None, n_events)
+        # the kept candidates, their measurements in CSR order: what the fit and the output both take
         sel = xp.nonzero(keep)[0]
         offsets, rows = _subset_csr(xp, cands.offsets, sel)
         measurements = cands.measurements[rows]
+        if not cfg.runs("fitting"):
+            return self._to_tracks(front, cands, sel, offsets, measurements, None, n_events)
         seed_rows = cands.seed[sel]
         fit = fit_tracks(
             xp,
@@ -228,18 +230,20 @@ class Chain:
             cfg.fitting,
         )
         stamp("fitting", t)
-        return self._to_tracks(front, cands, keep, fit, n_events)
+        return self._to_tracks(front, cands, sel, offsets, measurements, fit, n_events)
 
     def _to_tracks(
-        self, front: FrontResult, cands: TrackCandidates, keep, fit, n_events: int
+        self, front: FrontResult, cands: TrackCandidates, sel, offsets, mi, fit, n_events: int
     ) -> list[Tracks]:
-        """Split the batch's tracks by event (host arrays)."""
+        """Split the batch's tracks by event (host arrays).
+
+        Args:
+            sel: the candidates that make tracks; offsets, mi: their measurements (CSR).
+            fit: their fit, or None (the last filtered states are reported).
+        """
         xp = self.xp
         meas = front.measurements
         assert meas is not None
-        sel = xp.nonzero(keep)[0]
-        offsets, rows = _subset_csr(xp, cands.offsets, sel)
-        mi = cands.measurements[rows]
         if fit is not None:
             params, cov, chi2, ndf = fit.params, fit.cov, fit.chi2, fit.ndf
             good = fit.ok
