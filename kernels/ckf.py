@@ -223,14 +223,17 @@ def find_tracks(
     mv0, mv1 = variances
     nodes = _Nodes(xp)
 
-    state = (_start_fused if fused.enabled(xp) else _start)(
-        xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes
-    )
+    # the fused path marks the live rows (after the start, after each prune); the next step skips the
+    # others, so nothing is compacted in between
+    active: Array | None = None
+    if fused.enabled(xp):
+        state, active = _start_fused(xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes)
+    else:
+        state = _start(xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes)
     finished: list[Candidates] = []
     ctx = _Context(xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield)
 
     step = _fused_step if fused.enabled(xp) else _array_step
-    active = None  # the fused path's prune marks the live rows; the next step skips the others
     for _ in range(cfg.max_steps):
         if state.size == 0:
             break
@@ -293,15 +296,14 @@ def _start(
 def _start_fused(
     xp: ModuleType, det: Detector, geo: FindingGeometry, meas: Measurements, sp: Spacepoints, seeds: Seeds,
     params: BoundParameters, mv0: Array, mv1: Array, nodes: _Nodes,
-) -> Candidates:  # fmt: skip
-    """:func:`_start` in one kernel (kernels/fused.py ``seed_start``), the same rows and nodes."""
+) -> tuple[Candidates, Array]:  # fmt: skip
+    """:func:`_start` in one kernel (kernels/fused.py ``seed_start``): a row per seed and which of them
+    live (the rows and nodes of :func:`_start` where they do)."""
     real, index, alive, node_parent, node_meas = fused.seed_start(
         xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes.count, NEWTON_STEPS
     )
     nodes.append(node_parent, node_meas)
-    keep = xp.nonzero(alive)[0]
-    state = Candidates(real, index)
-    return state if keep.shape[0] == seeds.size else state.take(keep)
+    return Candidates(real, index), alive
 
 
 def _prune(

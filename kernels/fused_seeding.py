@@ -302,6 +302,20 @@ def _exclusive(xp: ModuleType, counts: Array) -> tuple[Array, int]:
     return off, int(off[-1])
 
 
+_CONSTANTS: dict[tuple, Array] = {}
+
+
+def _device_constants(xp: ModuleType, values: list[float]) -> Array:
+    """The kernels' float64 constants on the device, copied once per distinct set (a copy from host
+    memory waits for the device)."""
+    key = (xp.__name__, *values)
+    if key not in _CONSTANTS:
+        if len(_CONSTANTS) >= 16:  # a few configurations per process; never grow without bound
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = xp.asarray(values, dtype=xp.float64)
+    return _CONSTANTS[key]
+
+
 def find_seeds(
     xp: ModuleType,
     sp: Spacepoints,
@@ -321,7 +335,8 @@ def find_seeds(
     two_r_min = 2.0 * cfg.min_pt_gev / (pt_per_tesla_mm * bfield)
     r_min = cfg.min_pt_gev / (pt_per_tesla_mm * bfield)
     cb = pt_per_tesla_mm * bfield
-    cfgv = xp.asarray(
+    cfgv = _device_constants(
+        xp,
         [
             cfg.delta_r_min_mm,
             cfg.delta_r_max_mm,
@@ -344,7 +359,6 @@ def find_seeds(
             z_span,
             z_offset,
         ],
-        dtype=f64,
     )
     cols = [xp.ascontiguousarray(a, dtype=f64) for a in (sp.x, sp.y, sp.z, sp.r, sp.phi, sp.var_r, sp.var_z)]
     x, y, z, r, phi, var_r, var_z = cols
@@ -481,7 +495,10 @@ def _middle_block(
         cuts = xp.searchsorted(cum, xp.arange(1, n_chunks, dtype=xp.int64) * cfg.max_candidates_per_chunk)
         bounds += [int(c) for c in cuts.tolist()]
     bounds.append(n_mid)
-    mid_off_host = [side["mid_item_off"][xp.asarray(bounds)].tolist() for side in sides]
+    # each side's first item of every chunk boundary, in one copy to the host (one chunk: the first
+    # and last entries, a strided view, no copy to the device)
+    at = slice(0, n_mid + 1, n_mid) if len(bounds) == 2 and n_mid > 0 else xp.asarray(bounds)
+    mid_off_host = xp.stack([side["mid_item_off"][at] for side in sides]).tolist()
     parts: list[tuple] = []
     for c, (lo_m, hi_m) in enumerate(itertools.pairwise(bounds)):
         if hi_m <= lo_m:
@@ -529,9 +546,16 @@ def _chunk(
     f64 = xp.float64
     n_mid = hi_m - lo_m
     filled = []
+    # both sides' doublet offsets, their totals in one copy to the host
+    offs = []
+    for side, (i0, i1) in zip(sides, item_ranges, strict=True):
+        off = xp.zeros(i1 - i0 + 1, dtype=xp.int64)
+        off[1:] = xp.cumsum(side["count"][i0:i1])
+        offs.append(off)
+    totals = [int(t) for t in xp.stack([off[-1] for off in offs]).tolist()]
     for top, (side, (i0, i1)) in enumerate(zip(sides, item_ranges, strict=True)):
         count = side["count"][i0:i1]
-        off, total = _exclusive(xp, count)
+        off, total = offs[top], totals[top]
         d = {
             "middle": xp.empty(total, xp.int32),
             "other": xp.empty(total, xp.int64),

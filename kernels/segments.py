@@ -18,7 +18,7 @@ def expand_ranges(xp: ModuleType, starts: Array, counts: Array) -> tuple[Array, 
     Returns:
         (owner (int64), item (int64)); rows grouped by owner in ascending owner order.
     """
-    counts = counts.astype(xp.int64)
+    counts = counts.astype(xp.int64, copy=False)
     n = counts.shape[0]
     if n == 0:
         empty = xp.zeros(0, dtype=xp.int64)

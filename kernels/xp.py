@@ -158,10 +158,12 @@ def repeat_index(xp: ModuleType, counts: Array, total: int | None = None) -> Arr
     Args:
         total: ``counts.sum()`` when the caller knows it (on the GPU this saves a wait for the device).
     """
-    counts = counts.astype(xp.int64)
+    counts = counts.astype(xp.int64, copy=False)  # no launch for counts that are int64 already
     if xp is np:
         return np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
     offsets = xp.cumsum(counts)
     if total is None:
         total = int(offsets[-1]) if counts.shape[0] else 0
-    return xp.searchsorted(offsets, xp.arange(total, dtype=xp.int64), side="right").astype(xp.int64)
+    return xp.searchsorted(offsets, xp.arange(total, dtype=xp.int64), side="right").astype(
+        xp.int64, copy=False
+    )
