@@ -15,8 +15,10 @@ import os
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from kernels.cuda_module import CudaModule
-from kernels.xp import Array
+from kernels.xp import Array, device_constant
 
 _ENABLED = os.environ.get("TRACKFLEET_FUSED", "1") != "0"
 _BLOCK = 128
@@ -757,15 +759,9 @@ def chi2_gather(xp: ModuleType, params, cov, row, m0, m1, v0, v1, dim, meas) -> 
     return out
 
 
-_FD_DEVICE: dict[str, Array] = {}
-
-
 def _fd_steps(xp: ModuleType) -> Array:
-    """The finite-difference steps on the device, copied once per namespace (a copy from host memory
-    waits for the device)."""
-    if xp.__name__ not in _FD_DEVICE:
-        _FD_DEVICE[xp.__name__] = xp.asarray(_FD_STEPS, dtype=xp.float64)
-    return _FD_DEVICE[xp.__name__]
+    """The finite-difference steps on the device (copied once)."""
+    return device_constant(xp, ("fd_steps", *_FD_STEPS), lambda: np.asarray(_FD_STEPS, dtype=np.float64))
 
 
 def seed_start(

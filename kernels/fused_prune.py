@@ -16,11 +16,11 @@ of the event's time. Here the same selection is six kernels and a prefix sum, an
 5. ``prune_rank``: those rank themselves against their seed's list by (more measurements, lower chi^2,
    lower row) and stay when the rank is below the cap.
 
-The result is a flag per row (the next layer step skips the others), the rows the array code keeps. Which rows are kept does not
-depend on the order of the atomics. ``tests/test_fused_host.py`` and ``tests/test_fused.py`` check the
-result against the array code. The kernels read the packed tables' columns at the positions
-kernels/candidates.py defines (chi2 = real column 30; event, seed, n_meas, m1, m2 = index columns
-1, 2, 4, 6, 7), as the layer search does.
+The result is a flag per row (the next layer step skips the others), the rows the array code keeps.
+Which rows are kept does not depend on the order of the atomics. ``tests/test_fused_host.py`` and
+``tests/test_fused.py`` check the result against the array code. The kernels read the packed tables'
+columns at the positions kernels/candidates.py defines (chi2 = real column 30; event, seed, n_meas, m1,
+m2 = index columns 1, 2, 4, 6, 7), as the layer search does.
 """
 
 from __future__ import annotations

@@ -21,11 +21,13 @@ import math
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from kernels.cuda_module import CudaModule
 from kernels.edm.measurements import Spacepoints
 from kernels.edm.seeds import Seeds
 from kernels.profiling import section
-from kernels.xp import Array, repeat_index
+from kernels.xp import Array, device_constant, repeat_index
 
 _BLOCK = 128
 
@@ -302,20 +304,6 @@ def _exclusive(xp: ModuleType, counts: Array) -> tuple[Array, int]:
     return off, int(off[-1])
 
 
-_CONSTANTS: dict[tuple, Array] = {}
-
-
-def _device_constants(xp: ModuleType, values: list[float]) -> Array:
-    """The kernels' float64 constants on the device, copied once per distinct set (a copy from host
-    memory waits for the device)."""
-    key = (xp.__name__, *values)
-    if key not in _CONSTANTS:
-        if len(_CONSTANTS) >= 16:  # a few configurations per process; never grow without bound
-            _CONSTANTS.clear()
-        _CONSTANTS[key] = xp.asarray(values, dtype=xp.float64)
-    return _CONSTANTS[key]
-
-
 def find_seeds(
     xp: ModuleType,
     sp: Spacepoints,
@@ -335,9 +323,9 @@ def find_seeds(
     two_r_min = 2.0 * cfg.min_pt_gev / (pt_per_tesla_mm * bfield)
     r_min = cfg.min_pt_gev / (pt_per_tesla_mm * bfield)
     cb = pt_per_tesla_mm * bfield
-    cfgv = _device_constants(
-        xp,
-        [
+    constants = [
+        float(v)
+        for v in (
             cfg.delta_r_min_mm,
             cfg.delta_r_max_mm,
             cfg.collision_z_min_mm,
@@ -358,8 +346,10 @@ def find_seeds(
             cb,
             z_span,
             z_offset,
-        ],
-    )
+        )
+    ]
+    # copied to the device once per configuration
+    cfgv = device_constant(xp, ("seeding", *constants), lambda: np.asarray(constants, dtype=np.float64))
     cols = [xp.ascontiguousarray(a, dtype=f64) for a in (sp.x, sp.y, sp.z, sp.r, sp.phi, sp.var_r, sp.var_z)]
     x, y, z, r, phi, var_r, var_z = cols
     event = xp.ascontiguousarray(sp.event, dtype=xp.int32)

@@ -29,7 +29,7 @@ from kernels import fused, fused_rows
 from kernels.detector import Detector
 from kernels.edm.measurements import Measurements
 from kernels.errors import ConfigError
-from kernels.xp import Array
+from kernels.xp import Array, device_constant
 
 N_EXTENT = 8  # extents 1..7 and >= 8
 _ONE = (1.0,) * N_EXTENT
@@ -102,7 +102,8 @@ def measurement_variances(
     """(var0, var1) [mm^2] per measurement for the Kalman filter."""
     if cfg.model == "cluster":
         return meas.var0, meas.var1
-    table = _device_table(xp, cfg)
+    host = cfg.lookup()
+    table = device_constant(xp, ("measurement_errors", host.tobytes()), lambda: host)
     if fused.enabled(xp):
         return fused_rows.measurement_variances(xp, det, meas, table)
     vol = det.volume_id[meas.module].astype(xp.int64)
@@ -113,16 +114,3 @@ def measurement_variances(
         scale = table[vol, axis, xp.clip(extent.astype(xp.int64) - 1, 0, N_EXTENT - 1)]
         out.append(pitch[:, axis] ** 2 / 12.0 * xp.where(one_bin[:, axis], 1.0, scale))
     return out[0], out[1]
-
-
-_TABLES: dict[tuple[str, int], tuple[MeasurementErrorConfig, Array]] = {}
-
-
-def _device_table(xp: ModuleType, cfg: MeasurementErrorConfig) -> Array:
-    """The config's factor table in ``xp``, built once per config (a copy from host memory waits for the
-    device); the config is kept with it so that its id is not reused."""
-    key = (xp.__name__, id(cfg))
-    hit = _TABLES.get(key)
-    if hit is None or hit[0] is not cfg:
-        hit = _TABLES[key] = (cfg, xp.asarray(cfg.lookup()))
-    return hit[1]

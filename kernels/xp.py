@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -150,6 +151,22 @@ def argsort_stable(xp: ModuleType, a: Array) -> Array:
     if xp is np:
         return np.argsort(a, kind="stable")
     return xp.argsort(a)
+
+
+_DEVICE_CONSTANTS: dict[tuple, Any] = {}
+
+
+def device_constant(xp: ModuleType, key: tuple, make: Callable[[], np.ndarray]) -> Array:
+    """A constant array in ``xp`` (``make()`` on the host), copied once per namespace and ``key``: a copy
+    from host memory waits for the device, so hot paths take their constants from here. Keys name values
+    (never object ids); a handful per process, the cache is emptied past 64."""
+    full = (xp.__name__, *key)
+    hit = _DEVICE_CONSTANTS.get(full)
+    if hit is None:
+        if len(_DEVICE_CONSTANTS) >= 64:
+            _DEVICE_CONSTANTS.clear()
+        hit = _DEVICE_CONSTANTS[full] = xp.asarray(make())
+    return hit
 
 
 def repeat_index(xp: ModuleType, counts: Array, total: int | None = None) -> Array:

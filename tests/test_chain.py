@@ -140,3 +140,22 @@ def test_cuda_allocator_choice(monkeypatch):
     monkeypatch.setenv(xp_module.ALLOCATOR_ENV, "managed")
     with pytest.raises(ValueError, match="TRACKFLEET_CUDA_ALLOCATOR"):
         xp_module._configure_allocator(fake, 2)
+
+
+def test_device_constant_is_made_once_per_key(monkeypatch):
+    from kernels import xp as xp_module
+
+    monkeypatch.setattr(xp_module, "_DEVICE_CONSTANTS", {})
+    made = []
+
+    def make(v):
+        made.append(v)
+        return np.full(3, v)
+
+    a = xp_module.device_constant(np, ("k", 1.0), lambda: make(1.0))
+    b = xp_module.device_constant(np, ("k", 1.0), lambda: make(1.0))
+    c = xp_module.device_constant(np, ("k", 2.0), lambda: make(2.0))
+    assert a is b and made == [1.0, 2.0] and float(c[0]) == 2.0
+    for i in range(100):  # bounded: never grows past its limit
+        xp_module.device_constant(np, ("n", i), lambda i=i: np.full(1, i))
+    assert len(xp_module._DEVICE_CONSTANTS) <= 64
