@@ -452,16 +452,21 @@ def test_sigterm_worker_hands_back_events(failure_fleet, events):
     assert victim.wait(10) == 0  # clean exit
     assert_exactly_once(summary, replies, count)
     # the worker's DISCONNECT and this STATS request reach the broker on different sockets: the
-    # answer may come before the broker has read the DISCONNECT, so ask again for a bounded while
+    # answer may come before the broker has read the DISCONNECT, so ask again for a bounded while.
+    # The broker counts the worker once: disconnected, or expired as unreachable when a job it sent
+    # in the same instant found the worker's socket already closed (the DISCONNECT then arrives from a
+    # worker it no longer knows); either way the events were handed back exactly once (above)
     deadline = time.monotonic() + 5.0
     while True:
         stats = fleet.stats()
         left = stats["counters"]["workers_disconnected"] - before["counters"]["workers_disconnected"]
-        if left >= 1 or time.monotonic() > deadline:
+        expired = stats["counters"]["workers_expired"] - before["counters"]["workers_expired"]
+        if left + expired >= 1 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert left == 1
-    assert stats["counters"]["workers_expired"] == before["counters"]["workers_expired"]
+    assert left + expired == 1, (left, expired)
+    broker_log = (fleet.run_dir / "broker.log").read_text()
+    assert left == 1 or "unreachable" in broker_log
     log_text = (fleet.run_dir / f"worker-{index}.log").read_text()
     assert "left the broker" in log_text
 
