@@ -16,11 +16,11 @@ tests/host_kernels.py), through a namespace that counts:
   contiguous and of the dtype asked for);
 - ``waits``: conversions to host scalars or lists (``int``, ``float``, ``bool``, ``item``,
   ``tolist``), ``nonzero``/``flatnonzero``/``argwhere``/``unique`` (their size needs the device) and
-  copies to the host.
+  copies to the host (``kernels.xp.to_numpy`` included).
 
 Per stage, as the difference between prefixes of the chain (``last_stage``), per event.
 
-    .venv/bin/python bench/op_count.py [--input data/generic-mu20] [--events 1] [--json OUT]
+    .venv/bin/python bench/op_count.py [--input data/generic-mu20] [--events 1] [--json OUT] [--sites N]
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ from producer.io.detector import find_detector_files, load_detector  # noqa: E40
 from producer.io.events import discover, load_cells  # noqa: E402
 
 COUNTS: Counter[str] = Counter()
+#: (kind, "file:line") of the chain's code that asked for each counted operation, when --sites is given
+SITES: Counter[tuple[str, str]] = Counter()
+_TRACK_SITES = [False]
 _DEPTH = [0]
 WAITING = {"nonzero", "flatnonzero", "argwhere", "unique"}
 ALLOCATING = {"empty", "empty_like"}  # memory from the pool, no launch
@@ -71,12 +74,52 @@ def _plain(x: Any) -> Any:
         return tuple(_plain(v) for v in x)
     if isinstance(x, list):
         return [_plain(v) for v in x]
+    if isinstance(x, dict):  # keyword arguments (out=...)
+        return {k: _plain(v) for k, v in x.items()}
     return x
 
 
 def _count(kind: str) -> None:
     if _DEPTH[0] == 0:
         COUNTS[kind] += 1
+        if _TRACK_SITES[0]:
+            SITES[kind, _site()] += 1
+
+
+def _site() -> str:
+    """The innermost frame of the chain's own code (kernels/) below this script's wrappers."""
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename
+        if "/kernels/" in name and not name.endswith("kernels/xp.py"):
+            return f"{Path(name).relative_to(ROOT)}:{f.f_lineno}"
+        f = f.f_back
+    return "?"
+
+
+def _count_host_copies() -> None:
+    """``kernels.xp.to_numpy`` is a copy to the host on CuPy (a wait) but free on numpy: count it (and
+    ``to_host_many`` as one wait), in every module of the chain that imported them by name."""
+    import kernels.xp as kxp
+
+    inner = kxp.to_numpy
+
+    def to_numpy(a):
+        _count("waits")
+        return inner(_plain(a))
+
+    many = kxp.to_host_many
+
+    def to_host_many(arrays):  # one wait for all of them
+        _count("waits")
+        return many([_plain(a) for a in arrays])
+
+    for name, module in list(sys.modules.items()):
+        if name == "kernels" or name.startswith("kernels."):
+            if getattr(module, "to_numpy", None) is inner:
+                module.to_numpy = to_numpy
+            if getattr(module, "to_host_many", None) is many:
+                module.to_host_many = to_host_many
 
 
 class Counted(np.ndarray):
@@ -237,6 +280,10 @@ def main() -> int:
     ap.add_argument("--input", default=str(ROOT / "data" / "generic-mu20"))
     ap.add_argument("--events", type=int, default=1, help="events, reconstructed one at a time (default 1)")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--sites", type=int, default=0, metavar="N",
+        help="also print the N call sites in kernels/ with the most operations and waits (whole chain)",
+    )  # fmt: skip
     args = ap.parse_args()
     from host_kernels import compiler, install
 
@@ -245,6 +292,9 @@ def main() -> int:
         return 2
     install()
     _count_launches()
+    import kernels.pipeline  # noqa: F401  (every stage module imported before patching their names)
+
+    _count_host_copies()
     xp = CountingNumpy()
     sources = discover(args.input)[: args.events]
     det = load_detector(find_detector_files(sources[0].cells.parent)[0].parent)
@@ -254,6 +304,8 @@ def main() -> int:
         chain = Chain(xp, det, ChainConfig(last_stage=stage))  # type: ignore[arg-type]
         chain.reconstruct(events[0])  # geometry conversions once, as a warm worker has them
         COUNTS.clear()
+        SITES.clear()
+        _TRACK_SITES[0] = bool(args.sites) and stage == STAGES[-1]
         for e in events:
             chain.reconstruct(e)
         prefixes[stage] = {k: COUNTS[k] / len(events) for k in KEYS}
@@ -269,6 +321,12 @@ def main() -> int:
     print(
         f"{'chain':15s} {total['ops']:7.0f} {total['kernels']:8.0f} {total['waits']:6.0f} {total['allocs']:7.0f}"
     )
+    if args.sites:
+        for kind in ("ops", "waits"):
+            top = [(site, c) for (k, site), c in SITES.most_common() if k == kind][: args.sites]
+            print(f"\n{kind} per event by call site:")
+            for site, c in top:
+                print(f"  {c / len(events):7.1f}  {site}")
     if args.json:
         Path(args.json).write_text(
             json.dumps({"input": args.input, "stages": stages, "chain": total}, indent=1)
