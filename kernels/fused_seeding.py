@@ -27,7 +27,7 @@ from kernels.cuda_module import CudaModule
 from kernels.edm.measurements import Spacepoints
 from kernels.edm.seeds import Seeds
 from kernels.profiling import section
-from kernels.xp import Array, device_constant, repeat_index
+from kernels.xp import Array, device_constant
 
 _BLOCK = 128
 
@@ -132,11 +132,63 @@ extern "C" __global__ void doublet_windows(
 }
 
 // one thread per (middle, layer, phi bin) item; mode 0: count doublets; mode 1: fill from offset[item]
+// one thread per selected spacepoint: its grid key, packed as kernels/seeding.py's _grid packs it
+// (seg * z_span is an exact integer in double precision, so a fused multiply-add rounds as the array code)
+extern "C" __global__ void grid_keys(const long long* sel, long long n_sel, const int* sp_module,
+                                     const int* module_layer, const double* sp_phi, const int* sp_event,
+                                     const double* sp_r, const double* sp_z, const bool* is_disc, int n_layers,
+                                     int n_phi, double z_span, double z_offset, double* key) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_sel) return;
+    long long s = sel[i];
+    long long layer = module_layer[sp_module[s]];
+    long long bin = (long long)floor((sp_phi[s] + PI) / TWO_PI * n_phi) % n_phi;
+    bin = bin < 0 ? bin + n_phi : bin;
+    long long seg = ((long long)sp_event[s] * n_layers + layer) * n_phi + bin;
+    double coord = is_disc[layer] ? sp_r[s] : sp_z[s];
+    key[i] = (double)seg * z_span + (coord + z_offset);
+}
+
+// one thread per work item: its (middle, layer) window and its phi bin within the window, from the
+// inclusive prefix sum of the windows' bin counts (items are numbered window by window)
+extern "C" __global__ void expand_items(const long long* bins_end, long long n_ml, long long n_items,
+                                        long long* item_ml, long long* item_k) {
+    long long it = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (it >= n_items) return;
+    long long lo = 0, hi = n_ml;  // first window whose end is past it
+    while (lo < hi) { long long md = (lo + hi) >> 1; if (bins_end[md] <= it) lo = md + 1; else hi = md; }
+    item_ml[it] = lo;
+    item_k[it] = it - (lo > 0 ? bins_end[lo - 1] : 0);
+}
+
+// one thread per middle m in [0, n_mid]: its first work item (windows are grouped by middle, n_layers
+// each) and its first doublet (item_cum: exclusive doublet offsets per item, the total last)
+extern "C" __global__ void middle_offsets(const long long* bins_end, const long long* item_cum, int n_mid,
+                                          int n_layers, long long* mid_item_off, long long* doublets_per_mid) {
+    int m = blockIdx.x * blockDim.x + threadIdx.x;
+    if (m > n_mid) return;
+    long long first = m > 0 ? bins_end[(long long)m * n_layers - 1] : 0;
+    mid_item_off[m] = first;
+    doublets_per_mid[m] = item_cum[first];
+}
+
+// r, z and phi of the spacepoints in grid order (what doublet_scan reads per candidate)
+extern "C" __global__ void grid_columns(const double* r, const double* z, const double* phi,
+                                        const long long* grid_order, long long n_grid, double* g_r, double* g_z,
+                                        double* g_phi) {
+    long long pos = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (pos >= n_grid) return;
+    long long o = grid_order[pos];
+    g_r[pos] = r[o];
+    g_z[pos] = z[o];
+    g_phi[pos] = phi[o];
+}
+
 extern "C" __global__ void doublet_scan(
     const double* x, const double* y, const double* z, const double* r, const double* phi,
     const double* var_r, const double* var_z, const int* event,
-    const long long* grid_order, const double* grid_key, long long n_grid, int n_phi, int n_layers,
-    const long long* middles, const long long* item_ml, const long long* item_k, long long n_items,
+    const long long* grid_order, const double* grid_key, const double* g_r, const double* g_z,
+    const double* g_phi, long long n_grid, int n_phi, int n_layers, const long long* middles, const long long* item_ml, const long long* item_k, long long n_items,
     long long row0, const double* c_lo_a, const double* c_hi_a, const long long* b_lo_a,
     int top, const double* cfg, int mode, int* count, const long long* offset,
     int* o_middle, long long* o_other, double* o_cot, double* o_z0, double* o_u, double* o_v,
@@ -156,26 +208,29 @@ extern "C" __global__ void doublet_scan(
     long long hi = upper_(grid_key, n_grid, base + c_hi_a[ml]);
     int found = 0;
     long long out = mode ? offset[it] : 0;
+    // the window's candidates are consecutive grid positions: their r, z, phi are read in grid order
+    // (g_*), not through grid_order, so one thread's reads are sequential
     for (long long pos = lo; pos < hi; ++pos) {
-        long long o = grid_order[pos];
-        double dr = top ? r[o] - rm : rm - r[o];
-        double dz = top ? z[o] - zm : zm - z[o];
+        double ro = g_r[pos], zo = g_z[pos];
+        double dr = top ? ro - rm : rm - ro;
+        double dz = top ? zo - zm : zm - zo;
         bool good = (dr >= cfg[DR_MIN]) && (dr <= cfg[DR_MAX]);
         double cot = dz / (good ? dr : 1.0);
         double z0 = zm - rm * cot;
         good = good && (fabs(cot) <= cotmax) && (z0 >= c0) && (z0 <= c1);
-        double r_in = fmin(r[o], rm), r_out = fmax(r[o], rm);
-        double dp = phi[o] - phim + PI;
+        double r_in = fmin(ro, rm), r_out = fmax(ro, rm);
+        double dp = g_phi[pos] - phim + PI;
         dp = fabs(dp - TWO_PI * floor(dp / TWO_PI) - PI);
         good = good && (dp <= phi_reach_(r_in, r_out, cfg[TWO_R_MIN], cfg[IMPACT_MAX]));
         if (!good) continue;
         if (mode) {
+            long long o = grid_order[pos];
             double cos_m = x[m] / rm, sin_m = y[m] / rm;
             double dx = x[o] - x[m], dy = y[o] - y[m];
             double xr = dx * cos_m + dy * sin_m, yr = dy * cos_m - dx * sin_m;
             double inv_dr2 = 1.0 / (xr * xr + yr * yr);
             double inv_dr = sqrt(inv_dr2);
-            double c = (z[o] - zm) * inv_dr * (top ? 1.0 : -1.0);
+            double c = (zo - zm) * inv_dr * (top ? 1.0 : -1.0);
             o_middle[out] = (int)(row - row0); o_other[out] = o; o_cot[out] = c; o_z0[out] = z0;
             o_u[out] = xr * inv_dr2; o_v[out] = yr * inv_dr2;
             o_er[out] = ((var_z[m] + var_z[o]) + c * c * (var_r[m] + var_r[o])) * inv_dr2;
@@ -298,6 +353,29 @@ def _launch(name: str, n: int, args: tuple) -> None:
     _CUDA.launch(name, n, args)
 
 
+def grid_keys(
+    xp: ModuleType, sp: Spacepoints, module_layer: Array, is_disc: Array, sel: Array, n_phi: int, z_span: float,
+    z_offset: float,
+) -> Array:  # fmt: skip
+    """The seeding grid's sort key of the spacepoints ``sel`` in one launch (see :func:`kernels.seeding._grid`)."""
+    c = xp.ascontiguousarray
+    key = xp.empty(sel.shape[0], xp.float64)
+    args = (
+        c(sel, dtype=xp.int64), xp.int64(sel.shape[0]), c(sp.module, dtype=xp.int32), c(module_layer, dtype=xp.int32),
+        c(sp.phi, dtype=xp.float64), c(sp.event, dtype=xp.int32), c(sp.r, dtype=xp.float64),
+        c(sp.z, dtype=xp.float64), c(is_disc, dtype=xp.bool_), xp.int32(is_disc.shape[0]),
+        xp.int32(n_phi), xp.float64(z_span), xp.float64(z_offset), key,
+    )  # fmt: skip
+    _launch("grid_keys", int(sel.shape[0]), args)
+    return key
+
+
+def _unused(xp: ModuleType, dtype: Any) -> Array:
+    """A one-element array for an output argument the launch's mode does not write (the counting passes
+    leave them alone): the same one every time, no allocation and no launch."""
+    return device_constant(xp, ("unused", np.dtype(dtype).str), lambda: np.zeros(1, dtype))
+
+
 def _exclusive(xp: ModuleType, counts: Array) -> tuple[Array, int]:
     off = xp.zeros(counts.shape[0] + 1, dtype=xp.int64)
     off[1:] = xp.cumsum(counts)
@@ -361,6 +439,9 @@ def find_seeds(
         xp.ascontiguousarray(geo.is_disc, dtype=xp.bool_),
         *(xp.ascontiguousarray(a, dtype=f64) for a in (geo.r_lo, geo.r_hi, geo.z_lo, geo.z_hi)),
     )
+    n_grid = xp.int64(key.shape[0])
+    g_r, g_z, g_phi = (xp.empty(key.shape[0], f64) for _ in range(3))
+    _launch("grid_columns", key.shape[0], (r, z, phi, order, n_grid, g_r, g_z, g_phi))
     grid_args = (
         x,
         y,
@@ -372,7 +453,10 @@ def find_seeds(
         event,
         order,
         key,
-        xp.int64(key.shape[0]),
+        g_r,
+        g_z,
+        g_phi,
+        n_grid,
         xp.int32(n_phi),
         xp.int32(geo.n_layers),
     )
@@ -394,101 +478,80 @@ def _middle_block(
     cfg: Any, x: Array, y: Array, z: Array, r: Array, phi: Array, var_r: Array, var_z: Array,
 ) -> list[tuple]:  # fmt: skip
     """Seed parts (see :func:`_chunk`) of the middles ``mids``."""
-    f64 = xp.float64
+    f64, i64 = xp.float64, xp.int64
     n_mid = int(mids.shape[0])
     n_ml = n_mid * n_layers
-    d_i, d_l, d_d = xp.zeros(1, xp.int32), xp.zeros(1, xp.int64), xp.zeros(1, f64)
+    d_i, d_l, d_d = _unused(xp, np.int32), _unused(xp, np.int64), _unused(xp, np.float64)
     # per side: windows of every (middle, layer), then one work item per (middle, layer, phi bin) so
     # that dense windows do not serialize a thread; count doublets per item, then cut the middles into
     # chunks whose doublets fit the bound: memory stays bounded whatever the pile-up or batch size
-    sides = []
+    sides: list[dict[str, Array]] = []
     for top in (0, 1):
-        n_bins = xp.empty(n_ml, dtype=xp.int32)
-        c_lo, c_hi = xp.empty(n_ml, dtype=f64), xp.empty(n_ml, dtype=f64)
-        b_lo = xp.empty(n_ml, dtype=xp.int64)
+        side = {"n_bins": xp.empty(n_ml, dtype=xp.int32)}
+        side.update({k: xp.empty(n_ml, dtype=f64) for k in ("c_lo", "c_hi")})
+        side["b_lo"] = xp.empty(n_ml, dtype=i64)
         with section("seeding.doublet_windows"):
             _launch(
                 "doublet_windows",
                 n_ml,
                 (
-                    z,
-                    r,
-                    phi,
-                    mids,
-                    xp.int32(n_mid),
-                    xp.int32(n_layers),
-                    xp.int32(n_phi),
-                    *layers,
-                    xp.int32(top),
-                    cfgv,
-                    n_bins,
-                    c_lo,
-                    c_hi,
-                    b_lo,
+                    z, r, phi, mids, xp.int32(n_mid), xp.int32(n_layers), xp.int32(n_phi), *layers,
+                    xp.int32(top), cfgv, side["n_bins"], side["c_lo"], side["c_hi"], side["b_lo"],
                 ),
-            )
-        item_ml = repeat_index(xp, n_bins)
-        n_items = int(item_ml.shape[0])
-        first = xp.cumsum(n_bins.astype(xp.int64)) - n_bins
-        item_k = xp.arange(n_items, dtype=xp.int64) - first[item_ml] if n_items else item_ml
-        count = xp.zeros(n_items, dtype=xp.int32)
+            )  # fmt: skip
+        side["bins_end"] = xp.cumsum(side["n_bins"], dtype=i64)  # inclusive: item ends per (middle, layer)
+        sides.append(side)
+    # both sides' item totals in one copy to the host
+    n_items_side = (
+        [int(t) for t in xp.stack([sd["bins_end"][-1] for sd in sides]).tolist()] if n_ml else [0, 0]
+    )
+    for top, (side, n_items) in enumerate(zip(sides, n_items_side, strict=True)):
+        side["item_ml"] = xp.empty(n_items, dtype=i64)
+        side["item_k"] = xp.empty(n_items, dtype=i64)
+        _launch(
+            "expand_items",
+            n_items,
+            (side["bins_end"], i64(n_ml), i64(n_items), side["item_ml"], side["item_k"]),
+        )
+        side["count"] = count = xp.empty(n_items, dtype=xp.int32)
         with section("seeding.doublets_count"):
             _launch(
                 "doublet_scan",
                 n_items,
                 (
-                    *grid_args,
-                    mids,
-                    item_ml,
-                    item_k,
-                    xp.int64(n_items),
-                    xp.int64(0),
-                    c_lo,
-                    c_hi,
-                    b_lo,
-                    xp.int32(top),
-                    cfgv,
-                    xp.int32(0),
-                    count,
-                    d_l,
-                    d_i,
-                    d_l,
+                    *grid_args, mids, side["item_ml"], side["item_k"], i64(n_items), i64(0), side["c_lo"],
+                    side["c_hi"], side["b_lo"], xp.int32(top), cfgv, xp.int32(0), count, d_l, d_i, d_l,
                     *(d_d,) * 6,
                 ),
-            )
-        # first item of every middle (items are grouped by middle)
-        items_per_mid = n_bins.reshape(n_mid, n_layers).sum(axis=1, dtype=xp.int64)
-        mid_item_off = xp.zeros(n_mid + 1, dtype=xp.int64)
-        mid_item_off[1:] = xp.cumsum(items_per_mid)
-        item_cum = xp.zeros(n_items + 1, dtype=xp.int64)
-        item_cum[1:] = xp.cumsum(count)
-        sides.append(
-            {
-                "c_lo": c_lo,
-                "c_hi": c_hi,
-                "b_lo": b_lo,
-                "item_ml": item_ml,
-                "item_k": item_k,
-                "count": count,
-                "mid_item_off": mid_item_off,
-                "doublets_per_mid": item_cum[mid_item_off],
-            }
-        )
-    work = (sides[0]["doublets_per_mid"][1:] - sides[0]["doublets_per_mid"][:-1]) + (
-        sides[1]["doublets_per_mid"][1:] - sides[1]["doublets_per_mid"][:-1]
-    )
-    cum = xp.cumsum(work)
+            )  # fmt: skip
+        # doublet offsets per item (exclusive, with the total at the end), and per middle: its first item
+        # and its first doublet (items are grouped by middle)
+        side["item_cum"] = item_cum = xp.empty(n_items + 1, dtype=i64)
+        item_cum[:1] = 0
+        if n_items:
+            xp.cumsum(count, dtype=i64, out=item_cum[1:])
+        side["mid_item_off"] = xp.empty(n_mid + 1, dtype=i64)
+        side["doublets_per_mid"] = xp.empty(n_mid + 1, dtype=i64)
+        _launch(
+            "middle_offsets",
+            n_mid + 1,
+            (side["bins_end"], item_cum, xp.int32(n_mid), xp.int32(n_layers), side["mid_item_off"],
+             side["doublets_per_mid"]),
+        )  # fmt: skip
+    # doublets per middle, both sides, cumulative (doublets_per_mid is already a prefix sum)
+    cum = sides[0]["doublets_per_mid"][1:] + sides[1]["doublets_per_mid"][1:]
     total = int(cum[-1]) if n_mid else 0
     n_chunks = max(1, -(-total // cfg.max_candidates_per_chunk))
     bounds = [0]
     if n_chunks > 1:
-        cuts = xp.searchsorted(cum, xp.arange(1, n_chunks, dtype=xp.int64) * cfg.max_candidates_per_chunk)
+        cuts = xp.searchsorted(cum, xp.arange(1, n_chunks, dtype=i64) * cfg.max_candidates_per_chunk)
         bounds += [int(c) for c in cuts.tolist()]
     bounds.append(n_mid)
-    # each side's first item of every chunk boundary, in one copy to the host (one chunk: the first
-    # and last entries, a strided view, no copy to the device)
+    # each side's first item and first doublet of every chunk boundary, in one copy to the host (one chunk:
+    # the first and last entries, a strided view, no copy to the device)
     at = slice(0, n_mid + 1, n_mid) if len(bounds) == 2 and n_mid > 0 else xp.asarray(bounds)
-    mid_off_host = xp.stack([side["mid_item_off"][at] for side in sides]).tolist()
+    host = xp.stack([sd[k][at] for sd in sides for k in ("mid_item_off", "doublets_per_mid")]).tolist()
+    item_at, doublet_at = host[0::2], host[1::2]
     parts: list[tuple] = []
     for c, (lo_m, hi_m) in enumerate(itertools.pairwise(bounds)):
         if hi_m <= lo_m:
@@ -500,7 +563,8 @@ def _middle_block(
             lo_m,
             hi_m,
             sides,
-            [(h[c], h[c + 1]) for h in mid_off_host],
+            [(h[c], h[c + 1]) for h in item_at],
+            [h[c + 1] - h[c] for h in doublet_at],
             n_layers,
             cfgv,
             cfg,
@@ -523,6 +587,7 @@ def _chunk(
     hi_m: int,
     sides: list[dict],
     item_ranges: list[tuple[int, int]],
+    totals: list[int],
     n_layers: int,
     cfgv: Array,
     cfg: Any,
@@ -532,20 +597,19 @@ def _chunk(
     var_r: Array,
     var_z: Array,
 ) -> tuple | None:
-    """Seeds of the middles [lo_m, hi_m): (bottom, middle, top, weight, z_vertex)."""
+    """Seeds of the middles [lo_m, hi_m): (bottom, middle, top, weight, z_vertex).
+
+    Args:
+        item_ranges: each side's work items of these middles; totals: each side's doublets of them.
+    """
     f64 = xp.float64
     n_mid = hi_m - lo_m
     filled = []
-    # both sides' doublet offsets, their totals in one copy to the host
-    offs = []
-    for side, (i0, i1) in zip(sides, item_ranges, strict=True):
-        off = xp.zeros(i1 - i0 + 1, dtype=xp.int64)
-        off[1:] = xp.cumsum(side["count"][i0:i1])
-        offs.append(off)
-    totals = [int(t) for t in xp.stack([off[-1] for off in offs]).tolist()]
-    for top, (side, (i0, i1)) in enumerate(zip(sides, item_ranges, strict=True)):
-        count = side["count"][i0:i1]
-        off, total = offs[top], totals[top]
+    for top, (side, (i0, i1), total) in enumerate(zip(sides, item_ranges, totals, strict=True)):
+        # the chunk's doublets start at item i0's offset (a view when the chunk starts the block)
+        item_cum, per_mid = side["item_cum"], side["doublets_per_mid"]
+        off = item_cum[i0 : i1 + 1] if i0 == 0 else item_cum[i0 : i1 + 1] - item_cum[i0]
+        mid_start = per_mid[lo_m : hi_m + 1] if lo_m == 0 else per_mid[lo_m : hi_m + 1] - per_mid[lo_m]
         d = {
             "middle": xp.empty(total, xp.int32),
             "other": xp.empty(total, xp.int64),
@@ -558,8 +622,8 @@ def _chunk(
                 (
                     *grid_args,
                     mids,
-                    xp.ascontiguousarray(side["item_ml"][i0:i1]),
-                    xp.ascontiguousarray(side["item_k"][i0:i1]),
+                    side["item_ml"][i0:i1],
+                    side["item_k"][i0:i1],
                     xp.int64(i1 - i0),
                     xp.int64(lo_m),
                     side["c_lo"],
@@ -568,7 +632,7 @@ def _chunk(
                     xp.int32(top),
                     cfgv,
                     xp.int32(1),
-                    count,
+                    side["count"][i0:i1],
                     off,
                     d["middle"],
                     d["other"],
@@ -580,8 +644,6 @@ def _chunk(
                     d["inv_dr"],
                 ),
             )
-        # doublets are grouped by middle: a middle's range starts at its first item's offset
-        mid_start = xp.ascontiguousarray(off[side["mid_item_off"][lo_m : hi_m + 1] - i0])
         filled.append((d, mid_start))
     (bot, bot_off), (top, top_off) = filled
     mids = mids[lo_m:hi_m]
@@ -609,7 +671,7 @@ def _chunk(
         cfgv,
     )
     tcount = xp.zeros(n_bot, dtype=xp.int32)
-    d_l, d_d = xp.zeros(1, xp.int64), xp.zeros(1, f64)
+    d_l, d_d = _unused(xp, np.int64), _unused(xp, np.float64)
     with section("seeding.triplets_count"):
         _launch("triplets", n_bot, (*targs, xp.int32(0), tcount, d_l, d_l, d_l, d_d, d_d, d_d))
     trip_off, n_trip = _exclusive(xp, tcount)

@@ -153,11 +153,14 @@ class _Grid:
 
 def _grid(xp: ModuleType, sp: Spacepoints, geo: SeedingGeometry, sel: Array, n_phi: int) -> _Grid:
     """Spacepoints sorted by (event, layer, phi bin, z on barrel layers / r on discs)."""
-    layer = geo.module_layer[sp.module[sel]].astype(xp.int64)
-    phi_bin = xp.floor((sp.phi[sel] + math.pi) / (2 * math.pi) * n_phi).astype(xp.int64) % n_phi
-    seg = (sp.event[sel].astype(xp.int64) * geo.n_layers + layer) * n_phi + phi_bin
-    coord = xp.where(geo.is_disc[layer], sp.r[sel], sp.z[sel])
-    key = seg.astype(xp.float64) * _Z_SPAN + (coord + _Z_OFFSET)
+    if fused.enabled(xp):
+        key = fused_seeding.grid_keys(xp, sp, geo.module_layer, geo.is_disc, sel, n_phi, _Z_SPAN, _Z_OFFSET)
+    else:
+        layer = geo.module_layer[sp.module[sel]].astype(xp.int64)
+        phi_bin = xp.floor((sp.phi[sel] + math.pi) / (2 * math.pi) * n_phi).astype(xp.int64) % n_phi
+        seg = (sp.event[sel].astype(xp.int64) * geo.n_layers + layer) * n_phi + phi_bin
+        coord = xp.where(geo.is_disc[layer], sp.r[sel], sp.z[sel])
+        key = seg.astype(xp.float64) * _Z_SPAN + (coord + _Z_OFFSET)
     order = xp.argsort(key)
     return _Grid(order=sel[order], key=key[order], n_phi=n_phi, n_layers=geo.n_layers)
 
