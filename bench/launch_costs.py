@@ -7,6 +7,12 @@ each kind of operation the chain uses, as the median over ``--calls`` calls with
 between (launches queue up asynchronously, as in the chain), and the round trip of a copy to the host
 (a wait on an idle device).
 
+It also times the chain's two large transfers at batch 1 with mu=200 sizes, each the old way (one copy
+per array) against one batched copy through ``kernels.xp``: an event's packed cell columns to the
+device (``to_device_many``, what ``PackedEvent.to_cells`` does) and the tracks' arrays back to the
+host (``to_host_many``, what ``Chain`` does at its end), per call until the data is there (the copies
+to the device are followed by a synchronization).
+
     python bench/launch_costs.py [--calls 2000] [--json OUT]
 """
 
@@ -19,6 +25,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from kernels.xp import to_device_many, to_host_many, to_numpy  # noqa: E402
+
+# a mu=200 event: ~330k cells in ~20k modules (the packed wire columns), and ~8k tracks of ~11
+# measurements at the chain's end
+MU200_CELLS, MU200_MODULES = 330_000, 20_000
+MU200_TRACKS, MEAS_PER_TRACK = 8_000, 11
 
 
 def _per_call_us(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
@@ -33,6 +51,54 @@ def _per_call_us(fn: Callable[[], object], calls: int, sync: Callable[[], None])
         samples.append((time.perf_counter() - t0) / calls * 1e6)
         sync()
     return statistics.median(samples)
+
+
+def _transfer_ops(cp) -> dict[str, Callable[[], object]]:
+    """The old and the batched way of each large transfer (each call until its data is there)."""
+    rng = np.random.default_rng(1)
+    n, m = MU200_CELLS, MU200_MODULES
+    columns = [
+        np.full(m, n // m, dtype="<u4"),  # module_counts
+        np.sort(rng.integers(1, 2**60, m, dtype=np.uint64)).astype("<u8"),  # module_ids
+        rng.integers(0, 1400, n).astype("<u2"),  # channel0
+        rng.integers(0, 300, n).astype("<u2"),  # channel1
+        rng.random(n).astype("<f4"),  # activation
+        rng.random(n).astype("<f4"),  # time
+        rng.integers(0, 10**6, n).astype("<u4"),  # measurement_id (simulated events carry it)
+    ]
+    t, k = MU200_TRACKS, MU200_TRACKS * MEAS_PER_TRACK
+    results = [
+        cp.zeros(t, cp.int32),  # event
+        cp.zeros((t, 6), cp.float64),  # params
+        cp.zeros((t, 6, 6), cp.float64),  # cov
+        cp.zeros(t, cp.float64),  # chi2
+        cp.zeros(t, cp.int32),  # ndf
+        cp.zeros(t, cp.int32),  # holes
+        cp.zeros(t, bool),  # good
+        cp.zeros(t + 1, cp.int64),  # offsets
+        cp.zeros(k, cp.uint64),  # geometry_id
+        cp.zeros(k, cp.float32),  # local0
+        cp.zeros(k, cp.float32),  # local1
+        cp.zeros(k, cp.int8),  # dimension
+        cp.zeros(k, cp.int64),  # truth
+    ]
+    sync = cp.cuda.get_current_stream().synchronize
+    mb_in = sum(c.nbytes for c in columns) / 1e6
+    mb_out = sum(r.nbytes for r in results) / 1e6
+    return {
+        f"to_device {len(columns)} columns {mb_in:.1f} MB, asarray each": lambda: (
+            [cp.asarray(c) for c in columns],
+            sync(),
+        ),
+        f"to_device {len(columns)} columns {mb_in:.1f} MB, to_device_many": lambda: (
+            to_device_many(cp, columns),
+            sync(),
+        ),
+        f"to_host {len(results)} arrays {mb_out:.1f} MB, to_numpy each": lambda: [
+            to_numpy(r) for r in results
+        ],
+        f"to_host {len(results)} arrays {mb_out:.1f} MB, to_host_many": lambda: to_host_many(results),
+    }
 
 
 def main() -> int:
@@ -88,6 +154,8 @@ def main() -> int:
     }
     for name, fn in waits.items():
         report[name] = round(_per_call_us(fn, max(args.calls // 10, 50), stream.synchronize), 2)
+    for name, fn in _transfer_ops(cp).items():
+        report[name] = round(_per_call_us(fn, max(args.calls // 100, 20), stream.synchronize), 2)
     width = max(map(len, report))
     for name, us in report.items():
         print(f"{name:{width}s} {us:8.2f} us")

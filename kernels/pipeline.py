@@ -32,7 +32,7 @@ from kernels.seeding import SeedingConfig, find_seeds, seeding_geometry
 from kernels.segments import expand_ranges
 from kernels.spacepoint_formation import form_spacepoints
 from kernels.track_params import TrackParamsConfig, estimate_parameters
-from kernels.xp import backend_name, repeat_index, to_numpy
+from kernels.xp import backend_name, repeat_index, to_host_many
 
 FRONT_STAGES = ("clusterization", "measurements", "spacepoints", "seeding", "track_params")
 BACK_STAGES = ("finding", "ambiguity", "fitting")
@@ -267,7 +267,8 @@ class Chain:
             "dimension": meas.dimension[mi],
             "truth": meas.truth_id[mi],
         }
-        h = {k: to_numpy(v) for k, v in host.items()}
+        # one wait for all the copies, not one per array
+        h = dict(zip(host, to_host_many(list(host.values())), strict=True))
         out = []
         for i, event_id in enumerate(front.event_ids):
             tr = np.flatnonzero((h["event"] == i) & h["good"])

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -116,6 +117,126 @@ def asarray(xp: ModuleType, a: Any, dtype: Any = None) -> Array:
     if xp is np:
         return np.asarray(to_numpy(a), dtype=dtype)
     return xp.asarray(a, dtype=dtype)
+
+
+# --- batched host<->device copies ---------------------------------------------------------------
+
+#: bytes between the arrays packed into one transfer buffer: cudaMalloc's alignment, so that each view
+#: is aligned like a fresh allocation (kernels and libraries may load 16-byte types or vectors)
+_PACK_ALIGN = 256
+#: smallest pinned block; pinned blocks come in powers of two from this up, because CuPy's pinned
+#: memory pool reuses a freed block only for a request of the same size (rounded to 512 bytes):
+#: exact sizes, different for every event, would each cost a fresh cudaHostAlloc and stay in the pool
+_PINNED_MIN_BYTES = 1 << 16
+
+
+def _pack_layout(arrays: Sequence[Any]) -> tuple[list[int], int]:
+    """Byte offset of each array in one buffer holding them all, and the buffer's size."""
+    offsets, end = [], 0
+    for a in arrays:
+        offsets.append(end)
+        end += -(-a.nbytes // _PACK_ALIGN) * _PACK_ALIGN
+    return offsets, end
+
+
+def _pinned_bytes(nbytes: int) -> np.ndarray:
+    """A uint8 numpy array of at least ``nbytes`` bytes in page-locked memory from CuPy's pinned pool
+    (returned to the pool when the array and every view of it are gone)."""
+    size = max(_PINNED_MIN_BYTES, 1 << (nbytes - 1).bit_length())
+    return importlib.import_module("cupyx").empty_pinned(size, dtype=np.uint8)
+
+
+class _Staging(threading.local):
+    """Per thread: the pinned buffer that :func:`to_device_many` copies leave from, and the CUDA event
+    recorded after the last copy out of it."""
+
+    buffer: np.ndarray | None = None
+    copied: Any = None
+
+
+_STAGING = _Staging()
+
+
+def to_device_many(xp: ModuleType, arrays: Sequence[Any]) -> list[Array]:
+    """Move several host arrays to the namespace ``xp`` in one copy.
+
+    On CuPy the arrays are packed into a pinned staging buffer (one per thread, reused), shipped in one
+    asynchronous copy on the current stream, and returned as views of one device buffer: one transfer
+    at pinned bandwidth instead of a pageable copy, each with its fixed host cost, per array. The host
+    arrays are copied before this returns, so their memory may be reused at once. On numpy the arrays
+    come back as they are (no copies).
+
+    Args:
+        arrays: host arrays (anything ``numpy.asarray`` takes), of any shape and numeric dtype.
+
+    Returns:
+        Arrays in ``xp`` with the shapes and dtypes (in native byte order) of ``arrays``.
+    """
+    if xp is np:
+        return [asarray(np, a) for a in arrays]
+    host = [np.asarray(a) for a in arrays]
+    # CuPy holds native byte order only; the wire's little-endian dtypes are native on every CUDA host
+    host = [a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("=")) for a in host]
+    offsets, total = _pack_layout(host)
+    if total == 0:
+        return [xp.empty(a.shape, dtype=a.dtype) for a in host]
+    staging = _STAGING
+    if staging.copied is not None:
+        # the previous copy may still be reading the buffer: let it finish before writing (or freeing) it
+        staging.copied.synchronize()
+    if staging.buffer is None or staging.buffer.nbytes < total:
+        staging.buffer = _pinned_bytes(total)
+    buffer = staging.buffer
+    for a, off in zip(host, offsets, strict=True):
+        if a.nbytes:
+            np.copyto(buffer[off : off + a.nbytes].view(a.dtype).reshape(a.shape), a, casting="no")
+    device = xp.empty(total, dtype=xp.uint8)
+    stream = xp.cuda.get_current_stream()
+    device.set(buffer[:total], stream=stream)
+    # a fresh event each time: an event can only be recorded on a stream of the device it was made on
+    staging.copied = xp.cuda.Event(disable_timing=True)
+    staging.copied.record(stream)
+    return [
+        device[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+        for a, off in zip(host, offsets, strict=True)
+    ]
+
+
+def _is_cupy(a: Any) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def to_host_many(arrays: Sequence[Array]) -> list[np.ndarray]:
+    """Host copies of several arrays with one wait for the device.
+
+    CuPy arrays are copied asynchronously on the current stream into one block of pinned memory
+    (fresh from CuPy's pinned pool, so that the results never share memory with those of another call;
+    the block goes back to the pool when the last of them is gone), then the stream is synchronized
+    once; one copy per array at pinned bandwidth instead of a synchronous copy, and a wait, each.
+    numpy arrays come back as they are.
+
+    Returns:
+        numpy arrays with the shapes and dtypes of ``arrays`` (C-contiguous for CuPy input).
+    """
+    # host input as it is; CuPy entries are replaced by their copies below
+    out: list[Any] = [a if isinstance(a, np.ndarray) or _is_cupy(a) else np.asarray(a) for a in arrays]
+    device = [i for i, a in enumerate(arrays) if _is_cupy(a)]
+    if not device:
+        return out
+    cupy = importlib.import_module("cupy")
+    # contiguous first (a copy on the device, in stream order before the transfer); the list keeps
+    # those copies alive until the transfers are done
+    sources = [a if a.flags.c_contiguous else cupy.ascontiguousarray(a) for a in (arrays[i] for i in device)]
+    offsets, total = _pack_layout(sources)
+    block = _pinned_bytes(total) if total else np.empty(0, dtype=np.uint8)
+    stream = cupy.cuda.get_current_stream()
+    for i, a, off in zip(device, sources, offsets, strict=True):
+        host = block[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+        if a.nbytes:
+            a.get(stream=stream, out=host, blocking=False)
+        out[i] = host
+    stream.synchronize()
+    return out
 
 
 # --- operations whose spelling differs between numpy and CuPy -----------------------------------
