@@ -570,8 +570,8 @@ def _fused_step(
     # (both done), children (ordered by candidate, then branch), candidates continuing without one;
     # one wait for the host sizes it
     ends = xp.cumsum(res["flags"], dtype=xp.int64)
-    bounds = (n - 1, 2 * n - 1, 2 * n + n * k_max - 1, 3 * n + n * k_max - 1)
-    _, b1, b2, total = (int(c) for c in to_numpy(xp.stack([ends[b] for b in bounds])))
+    bounds = (2 * n - 1, 2 * n + n * k_max - 1, 3 * n + n * k_max - 1)
+    b1, b2, total = (int(c) for c in to_numpy(fused.pick(xp, ends, bounds)))
     done_real, done_index, real, index, child_layer, node_parent, node_meas = fused.step_compact(
         xp, res, ends, n, k_max, (b1, b2, total), nodes.count
     )

@@ -596,6 +596,15 @@ extern "C" __global__ void step_compact(
         child_layer[c] = layer[(j - 2LL * n) / k_max];
     }
 }
+
+// out[k] = a[at_k] for the (up to) four positions: several values of a device array, one launch and
+// one copy to the host
+extern "C" __global__ void pick(const long long* a, int n_at, long long at0, long long at1, long long at2,
+                                long long at3, long long* out) {
+    int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n_at) return;
+    out[k] = a[k == 0 ? at0 : k == 1 ? at1 : k == 2 ? at2 : at3];
+}
 """
 
 _C_LIGHT = 0.299792458e-3
@@ -616,6 +625,16 @@ def enabled(xp: ModuleType) -> bool:
 
 def _launch(name: str, n: int, args: tuple) -> None:
     _CUDA.launch(name, n, args)
+
+
+def pick(xp: ModuleType, a: Array, at: tuple[int, ...]) -> Array:
+    """``a[list(at)]`` (int64, up to four positions) in one launch: no index array to copy to the device."""
+    if not 1 <= len(at) <= 4:
+        raise ValueError("pick takes one to four positions")
+    out = xp.empty(len(at), xp.int64)
+    pos = [xp.int64(p) for p in (*at, *(0,) * (4 - len(at)))]
+    _launch("pick", len(at), (a, xp.int32(len(at)), *pos, out))
+    return out
 
 
 def _f64(xp: ModuleType, a: Array) -> Array:
