@@ -14,11 +14,13 @@ divide by it. With ``--tracks``, each distinct event's tracks are written once (
 and validated over ``len(events)`` events.
 
     python bench/chain_bench.py --input DIR --backend cupy --batch 1 4 --repeat 3 --json out.json
+                                [--rows-without-wait N] [--tracks DIR] [--sections]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -75,12 +77,20 @@ def main() -> int:
     )
     ap.add_argument("--json", default=None)
     ap.add_argument("--sections", action="store_true", help="also time sections inside stages (synchronizes)")
+    ap.add_argument(
+        "--rows-without-wait", type=int, default=None, metavar="N",
+        help="FindingConfig.max_rows_without_wait (0: every CKF step waits for its exact sizes)",
+    )  # fmt: skip
     args = ap.parse_args()
     xp = get_namespace(args.backend)
     sources = discover(args.input)[: args.events]
     det = load_detector(find_detector_files(sources[0].cells.parent)[0].parent)
     events = [load_cells(s, det) for s in sources]
-    chain = Chain(xp, det, ChainConfig())
+    config = ChainConfig()
+    if args.rows_without_wait is not None:
+        finding = dataclasses.replace(config.finding, max_rows_without_wait=args.rows_without_wait)
+        config = dataclasses.replace(config, finding=finding)
+    chain = Chain(xp, det, config)
     chain.reconstruct_batch(events[:1])  # warm-up: kernel compilation, memory pool
     results = []
     if args.sections:

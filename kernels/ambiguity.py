@@ -58,7 +58,7 @@ def resolve(
     if n == 0:
         return xp.zeros(0, dtype=bool)
     length = offsets[1:] - offsets[:-1]
-    owner = repeat_index(xp, length)
+    owner = repeat_index(xp, length, int(measurements.shape[0]))  # the total is known: no wait
     # rank: 0 is best
     quality_order = xp.lexsort(xp.stack([chi2 / xp.maximum(length, 1), -length.astype(xp.float64)]))
     rank = xp.empty(n, dtype=xp.int64)

@@ -38,7 +38,7 @@ from kernels.navigation import NavigationGrid, modules_near, next_layer
 from kernels.profiling import section
 from kernels.propagation import NEWTON_STEPS, bound_to_global, helix_at, intersect_plane, transport, turn_rate
 from kernels.segments import expand_ranges, rank_in_segment
-from kernels.xp import Array, argsort_stable, asarray, to_numpy
+from kernels.xp import Array, HostCopy, argsort_stable, asarray, to_numpy
 
 # x/X0 crossed per layer at normal incidence in the ACTS generic detector, by volume: the value for
 # which Highland's formula reproduces the simulated polar-angle scattering between consecutive hits
@@ -67,6 +67,10 @@ class FindingConfig:
         max_holes: holes allowed before a candidate stops (2).
         max_steps: layers followed at most (40).
         min_measurements: shortest candidate kept as a track candidate (7).
+        max_rows_without_wait: on the GPU, a CKF step whose tables can be sized from a bound of at most
+            this many rows runs without waiting for the host; above it the step waits for its exact
+            sizes (131072; 0: every step waits). A step holds ~1.4 kB of GPU memory per row of its
+            bound: at mu=200 and batch 1 the early steps wait, the later ones do not.
         bounds_tolerance_mm: a prediction this far outside a module still searches it [mm] (0.5).
         layer_tolerance_mm: a crossing this far outside a layer's extent still visits it [mm] (10).
         merge_duplicates: after every step keep one candidate per (event, last two measurements), the
@@ -81,6 +85,7 @@ class FindingConfig:
     max_holes: int = 2
     max_steps: int = 40
     min_measurements: int = 7
+    max_rows_without_wait: int = 131_072
     bounds_tolerance_mm: float = 0.5
     layer_tolerance_mm: float = 10.0
     merge_duplicates: bool = True
@@ -92,6 +97,8 @@ class FindingConfig:
             raise ConfigError("FindingConfig: chi2_max > 0 and at least one branch per surface and seed")
         if self.max_holes < 0 or self.max_steps < 1 or self.min_measurements < 3:
             raise ConfigError("FindingConfig: max_holes >= 0, max_steps >= 1, min_measurements >= 3")
+        if self.max_rows_without_wait < 0:
+            raise ConfigError("FindingConfig: max_rows_without_wait >= 0")
 
 
 @dataclass(frozen=True)
@@ -222,29 +229,23 @@ def find_tracks(
     mkey = _meas_ranges(xp, meas, n_mod)
     mv0, mv1 = variances
     nodes = _Nodes(xp)
-
-    # the fused path marks the live rows (after the start, after each prune); the next step skips the
-    # others, so nothing is compacted in between
-    active: Array | None = None
-    if fused.enabled(xp):
-        state, active = _start_fused(xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes)
-    else:
-        state = _start(xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes)
-    finished: list[Candidates] = []
     ctx = _Context(xp, det, geo, meas, mkey, mv0, mv1, cfg, bfield)
+    if fused.enabled(xp):
+        return _collect(xp, nodes, _find_fused(ctx, sp, seeds, params, nodes), cfg)
 
-    step = _fused_step if fused.enabled(xp) else _array_step
+    state = _start(xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes)
+    finished: list[Candidates] = []
     for _ in range(cfg.max_steps):
         if state.size == 0:
             break
         with section("finding.step"):
-            done, state = step(ctx, state, nodes, active)
+            done, state = _array_step(ctx, state, nodes)
         finished.extend(done)
         if state.size:
             with section("finding.prune"):
-                state, active = _prune(xp, state, meas.size, seeds.size, cfg)
+                state = _prune(xp, state, meas.size, seeds.size, cfg)
     if state.size:
-        finished.append(state if active is None else state.take(xp.nonzero(active)[0]))
+        finished.append(state)
     return _collect(xp, nodes, finished, cfg)
 
 
@@ -293,39 +294,14 @@ def _start(
     )
 
 
-def _start_fused(
-    xp: ModuleType, det: Detector, geo: FindingGeometry, meas: Measurements, sp: Spacepoints, seeds: Seeds,
-    params: BoundParameters, mv0: Array, mv1: Array, nodes: _Nodes,
-) -> tuple[Candidates, Array]:  # fmt: skip
-    """:func:`_start` in one kernel (kernels/fused.py ``seed_start``): a row per seed and which of them
-    live (the rows and nodes of :func:`_start` where they do)."""
-    real, index, alive, node_parent, node_meas = fused.seed_start(
-        xp, det, geo, meas, sp, seeds, params, mv0, mv1, nodes.count, NEWTON_STEPS
-    )
-    nodes.append(node_parent, node_meas)
-    return Candidates(real, index), alive
-
-
 def _prune(
     xp: ModuleType, state: Candidates, n_meas_total: int, n_seeds: int, cfg: FindingConfig
-) -> tuple[Candidates, Array | None]:
+) -> Candidates:
     """The live candidates after a step's duplicate merge (when configured) and per-seed cap, in row
-    order, and None; on the GPU, in a few kernels (kernels/fused_prune.py) that keep the same rows, the
-    candidates as they are and which of them live (the next step skips the others: no compaction)."""
-    if fused.enabled(xp):
-        keep = fused_prune.prune(
-            xp,
-            state.real,
-            state.index,
-            n_meas_total,
-            n_seeds,
-            cfg.max_branches_per_seed,
-            cfg.merge_duplicates,
-        )
-        return state, keep
+    order (the fused path keeps the same rows with kernels/fused_prune.py)."""
     if cfg.merge_duplicates:
         state = _merge_duplicates(xp, state, n_meas_total)
-    return _cap_per_seed(xp, state, cfg.max_branches_per_seed), None
+    return _cap_per_seed(xp, state, cfg.max_branches_per_seed)
 
 
 def _merge_duplicates(xp: ModuleType, state: Candidates, n_meas_total: int) -> Candidates:
@@ -469,9 +445,7 @@ def _extend(
     index[rows, N_MEAS] += 1
 
 
-def _array_step(
-    ctx: _Context, st: Candidates, nodes: _Nodes, active: Array | None = None
-) -> tuple[list[Candidates], Candidates]:
+def _array_step(ctx: _Context, st: Candidates, nodes: _Nodes) -> tuple[list[Candidates], Candidates]:
     """One layer step of all candidates with array code: (finished candidates, live candidates)."""
     xp, det, geo, meas, cfg, bfield = ctx.xp, ctx.det, ctx.geo, ctx.meas, ctx.cfg, ctx.bfield
     mv0, mv1 = ctx.mv0, ctx.mv1
@@ -537,59 +511,117 @@ def _split_leaving(xp: ModuleType, st: Candidates, layer: Array, done: list[Cand
     return go
 
 
-def _fused_step(
-    ctx: _Context, st: Candidates, nodes: _Nodes, active: Array | None = None
-) -> tuple[list[Candidates], Candidates]:
-    """The same step as :func:`_array_step`: one kernel searches the next layer and writes the rows of
-    the next step (Kalman updates included), and one wait for the host sizes all of the step's
-    selections."""
+def _find_fused(
+    ctx: _Context, sp: Spacepoints, seeds: Seeds, params: BoundParameters, nodes: _Nodes
+) -> list[Candidates]:
+    """The CKF on the GPU: the finished candidates in the order of the array code, the last step's live
+    ones last.
+
+    The start is one kernel (``seed_start``). A step is a layer search (one kernel writes every row the
+    step may produce and four flag vectors), a prefix sum of the flags, one compaction kernel, the
+    overlap search and the prune (kernels/fused_prune.py), which marks the rows the next step takes
+    (``active``) instead of compacting them. The compaction reads its bounds from the prefix sum itself
+    and writes the step's counts (rows, children, finished so far) to the device; the host copies
+    them back without waiting and sizes the next tables from a bound:
+
+    next rows <= max_branches_per_surface x this step's rows, this step's rows <= the same factor x the
+    previous step's, whose exact count the host reads once the GPU has gone past it (one step behind,
+    so the host waits while the GPU works on the step in between). Tables are then up to
+    max_branches_per_surface^2 times the live rows, the rows past the live count idle. Where that
+    bound exceeds ``FindingConfig.max_rows_without_wait`` (large batches), the step waits for its
+    exact sizes instead.
+    """
     xp, det, geo, meas, cfg = ctx.xp, ctx.det, ctx.geo, ctx.meas, ctx.cfg
-    mv0, mv1 = ctx.mv0, ctx.mv1
     k_max = cfg.max_branches_per_surface
-    n = st.size
-    with section("finding.layer_search"):
-        res = fused.layer_search(
-            xp,
-            det,
-            geo,
-            geo.nav,
-            st.real,
-            st.index,
-            None,
-            0,
-            ctx.mkey,
-            meas,
-            mv0,
-            mv1,
-            cfg,
-            k_max,
-            NEWTON_STEPS,
-            active=active,
-        )
-    # one compaction of the four flag vectors, in the order of the array step: leaving, over max_holes
-    # (both done), children (ordered by candidate, then branch), candidates continuing without one;
-    # one wait for the host sizes it
-    ends = xp.cumsum(res["flags"], dtype=xp.int64)
-    bounds = (2 * n - 1, 2 * n + n * k_max - 1, 3 * n + n * k_max - 1)
-    b1, b2, total = (int(c) for c in to_numpy(fused.pick(xp, ends, bounds)))
-    done_real, done_index, real, index, child_layer, node_parent, node_meas = fused.step_compact(
-        xp, res, ends, n, k_max, (b1, b2, total), nodes.count
+    real, index, active, node_parent, node_meas = fused.seed_start(
+        xp, det, geo, meas, sp, seeds, params, ctx.mv0, ctx.mv1, nodes.count, NEWTON_STEPS
     )
     nodes.append(node_parent, node_meas)
-    # the step's tables are done with: free them before the overlap search allocates its own (the
-    # memory pool keeps the peak of a batch, and this was it)
-    del res, ends
-    done = [Candidates(done_real, done_index)] if b1 else []
-    children = Candidates(real[: b2 - b1], index[: b2 - b1])
-    if b2 > b1:
-        with section("finding.overlap_search"):
-            # the children that find a second measurement on their layer take it in place
-            ov = fused.layer_search(
-                xp, det, geo, geo.nav, children.real, children.index, child_layer, 1,
-                ctx.mkey, meas, mv0, mv1, cfg, 1, NEWTON_STEPS, node_base=nodes.count,
+    n_seeds = seeds.size
+    if n_seeds == 0:
+        return []
+    # no step has more rows than the prune's cap allows: max_branches_per_seed per seed, each branching
+    rows_bound = max(n_seeds, k_max * cfg.max_branches_per_seed * n_seeds)
+    done_real = xp.empty((n_seeds, 32), xp.float64)
+    done_index = xp.empty((n_seeds, 8), xp.int64)
+    done_in = xp.zeros(1, xp.int64)  # finished rows before the first step
+    counts: list[HostCopy] = []  # per step: (next rows, children, finished so far), on the host
+    rows = [n_seeds]  # rows of each step's input table
+    for step in range(cfg.max_steps):
+        cap = rows[-1]
+        if cap == 0:  # an exactly sized step left nothing
+            break
+        if step >= 2:
+            # step - 2's counts: the GPU has finished that step and works on the next one
+            prev = counts[step - 2].value()
+            live_prev, done_known = int(prev[0]), int(prev[2])
+            if live_prev == 0:  # step - 1 had nothing to do, nor has any later one
+                break
+            bound = min(rows_bound, k_max * cap, k_max * k_max * live_prev)
+            done_bound = done_known + rows[-2] + cap
+        else:
+            bound = min(rows_bound, k_max * cap)
+            done_bound = sum(rows)
+        with section("finding.layer_search"):
+            res = fused.layer_search(
+                xp, det, geo, geo.nav, real, index, None, 0, ctx.mkey, meas, ctx.mv0, ctx.mv1, cfg, k_max,
+                NEWTON_STEPS, active=active,
             )  # fmt: skip
-        nodes.append(ov["node_parent"], ov["meas"])
-    return done, Candidates(real, index)
+        ends = xp.cumsum(res["flags"], dtype=xp.int64)
+        if bound > cfg.max_rows_without_wait:
+            # exact sizes: one wait for the host (the GPU idles until the next launches)
+            n_bounds = (2 * cap - 1, 2 * cap + cap * k_max - 1, 3 * cap + cap * k_max - 1)
+            b1, b2, total = (int(c) for c in to_numpy(fused.pick(xp, ends, n_bounds)))
+            out_rows, child_rows = total - b1, b2 - b1
+            done_bound = (int(counts[-1].value()[2]) if counts else 0) + b1
+        else:
+            out_rows = child_rows = bound
+        if done_bound > done_real.shape[0]:
+            grown = max(done_bound, 2 * done_real.shape[0])
+            done_real = _grow(xp, done_real, grown)
+            done_index = _grow(xp, done_index, grown)
+        real, index, child_layer, node_parent, node_meas, step_counts = fused.step_compact(
+            xp, res, ends, cap, k_max, out_rows, child_rows, nodes.count, (done_real, done_index), done_in
+        )
+        nodes.append(node_parent, node_meas)
+        # the step's tables are done with: free them before the overlap search allocates its own (the
+        # memory pool keeps the peak of a batch, and this was it)
+        del res, ends
+        counts.append(HostCopy(step_counts))
+        done_in = step_counts[2:3]
+        rows.append(out_rows)
+        if child_rows:
+            with section("finding.overlap_search"):
+                # the children that find a second measurement on their layer take it in place
+                ov = fused.layer_search(
+                    xp, det, geo, geo.nav, real[:child_rows], index[:child_rows], child_layer, 1, ctx.mkey,
+                    meas, ctx.mv0, ctx.mv1, cfg, 1, NEWTON_STEPS, node_base=nodes.count,
+                    n_limit=step_counts[1:2],
+                )  # fmt: skip
+            nodes.append(ov["node_parent"], ov["meas"])
+        with section("finding.prune"):
+            active = fused_prune.prune(
+                xp, real, index, meas.size, n_seeds, cfg.max_branches_per_seed, cfg.merge_duplicates,
+                step_counts[0:1],
+            )  # fmt: skip
+    # the rows the prune kept past the last step are finished too (none when the loop ran dry)
+    finished = []
+    n_done = int(counts[-1].value()[2]) if counts else 0
+    if n_done > done_real.shape[0]:
+        raise RuntimeError(f"CKF: {n_done} finished candidates overflowed a table of {done_real.shape[0]}")
+    if n_done:
+        finished.append(Candidates(done_real[:n_done], done_index[:n_done]))
+    last = xp.nonzero(active)[0]
+    if last.shape[0]:
+        finished.append(Candidates(real, index).take(last))
+    return finished
+
+
+def _grow(xp: ModuleType, table: Array, rows: int) -> Array:
+    """``table`` with room for ``rows`` rows (its rows copied first, in stream order)."""
+    out = xp.empty((rows, *table.shape[1:]), table.dtype)
+    out[: table.shape[0]] = table
+    return out
 
 
 def _children(

@@ -295,9 +295,9 @@ extern "C" __global__ void layer_search(
     double bounds_tol, double chi2_max, int max_b, int max_holes, long long* o_layer, long long* o_meas,
     double* c_real, long long* c_index, bool* c_ok, double* l_real, long long* l_index, bool* leaving,
     bool* too_many, bool* keep_lone, long long node_base, long long* node_parent, const bool* active,
-    int has_active) {
+    int has_active, const long long* n_limit) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
+    if (i >= n || i >= *n_limit) return;  // n_limit: rows that exist (the tables may be larger)
     if (has_active && !active[i]) {  // pruned (mode 0): no row of the next step
         for (int q = 0; q < max_b; ++q) c_ok[(long long)i * max_b + q] = false;
         o_layer[i] = -1;
@@ -557,18 +557,31 @@ extern "C" __global__ void seed_start(
 }
 // A CKF step's compaction: every set flag of layer_search's flag vector (leaving, over holes, children,
 // lone; ends = its inclusive prefix sum) copies its packed row to position ends[j] - 1 of the selection:
-// the finished rows [0, b1) go to done_real / done_index, the children [b1, b2) and the lone rows
-// [b2, total) to row - b1 of out_real / out_index (the next step's candidates). A child is linked as node
-// node_base + its row among the children (node_parent / node_meas: the node table's new entries) and
-// gets the layer its parent searched (child_layer).
+// the finished rows [0, b1) go to row done_in[0] + dest of done_real / done_index (rows past done_cap are
+// not written: the caller sees it from counts[2]), the children [b1, b2) and the lone rows [b2, total) to
+// row - b1 of out_real / out_index (the next step's candidates). b1, b2 and total are read from ends
+// here, so the caller need not wait for them. A child is linked as node node_base + its row among the
+// children (node_parent / node_meas: the node table's new entries) and gets the layer its parent searched
+// (child_layer). One thread also writes counts = (the next step's rows total - b1, its children b2 - b1,
+// the finished rows so far done_in[0] + b1).
 extern "C" __global__ void step_compact(
     const bool* flags, const long long* ends, int n, int k_max, const double* c_real, const long long* c_index,
-    const double* l_real, const long long* l_index, const long long* layer, long long b1, long long b2,
-    long long node_base, int n_flags, double* done_real, long long* done_index, double* out_real,
-    long long* out_index, long long* child_layer, long long* node_parent, long long* node_meas) {
+    const double* l_real, const long long* l_index, const long long* layer, long long node_base, int n_flags,
+    const long long* done_in, long long done_cap, double* done_real, long long* done_index,
+    double* out_real, long long* out_index, long long* child_layer, long long* node_parent, long long* node_meas,
+    long long* counts) {
     long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= n_flags || !flags[j]) return;
-    long long dest = ends[j] - 1, nk = (long long)n * k_max, r;
+    if (j >= n_flags) return;
+    long long nk = (long long)n * k_max;
+    long long b1 = ends[2LL * n - 1], b2 = ends[2LL * n + nk - 1], total = ends[3LL * n + nk - 1];
+    long long done_base = done_in[0];
+    if (j == 0) {
+        counts[0] = total - b1;
+        counts[1] = b2 - b1;
+        counts[2] = done_base + b1;
+    }
+    if (!flags[j]) return;
+    long long dest = ends[j] - 1, r;
     const double* sr;
     const long long* si;
     if (j < 2LL * n) {  // leaving or over max_holes: the candidate's own row
@@ -584,8 +597,9 @@ extern "C" __global__ void step_compact(
         sr = l_real + 32 * r;
         si = l_index + 8 * r;
     }
-    double* dr = dest < b1 ? done_real + 32 * dest : out_real + 32 * (dest - b1);
-    long long* di = dest < b1 ? done_index + 8 * dest : out_index + 8 * (dest - b1);
+    if (dest < b1 && done_base + dest >= done_cap) return;
+    double* dr = dest < b1 ? done_real + 32 * (done_base + dest) : out_real + 32 * (dest - b1);
+    long long* di = dest < b1 ? done_index + 8 * (done_base + dest) : out_index + 8 * (dest - b1);
     for (int a = 0; a < 32; ++a) dr[a] = sr[a];
     for (int a = 0; a < 8; ++a) di[a] = si[a];
     if (dest >= b1 && dest < b2) {
@@ -833,33 +847,39 @@ def seed_start(
 
 
 def step_compact(
-    xp: ModuleType, res: dict[str, Array], ends: Array, n: int, k_max: int, counts: tuple[int, int, int],
-    node_base: int,
+    xp: ModuleType, res: dict[str, Array], ends: Array, n: int, k_max: int, out_rows: int, child_rows: int,
+    node_base: int, done: tuple[Array, Array], done_in: Array,
 ) -> tuple[Array, ...]:  # fmt: skip
-    """The rows a mode-0 :func:`layer_search` selected, in flag order (see the kernel): the finished
-    rows (``done_real``, ``done_index``: b1 rows), the next step's (``real``, ``index``: the b2 - b1
-    children, then the lone rows), ``child_layer`` and the node table's new entries for the children.
+    """The rows a mode-0 :func:`layer_search` over ``n`` rows selected, in flag order (see the kernel):
+    the finished rows into ``done`` (real, index) from row ``done_in[0]`` on (rows past the tables'
+    length are dropped), and new tables for the next step (``real``, ``index``: the children, then the
+    lone rows), ``child_layer``, the node table's new entries for the children, and ``counts`` (device,
+    int64: the next step's rows, its children, the finished rows so far).
 
     Args:
-        ends: inclusive prefix sum of ``res["flags"]`` (int64). counts: (b1, b2, total) from it.
+        ends: inclusive prefix sum of ``res["flags"]`` (int64).
+        out_rows, child_rows: rows of the new tables and children entries (at least the counts).
     """
-    b1, b2, total = counts
     i64 = xp.int64
-    done_real = xp.empty((b1, 32), xp.float64)
-    done_index = xp.empty((b1, 8), i64)
-    real = xp.empty((total - b1, 32), xp.float64)
-    index = xp.empty((total - b1, 8), i64)
-    child_layer = xp.empty(b2 - b1, i64)
-    node_parent = xp.empty(b2 - b1, i64)
-    node_meas = xp.empty(b2 - b1, i64)
+    real = xp.empty((out_rows, 32), xp.float64)
+    index = xp.empty((out_rows, 8), i64)
+    child_layer = xp.empty(child_rows, i64)
+    node_parent = xp.empty(child_rows, i64)
+    node_meas = xp.empty(child_rows, i64)
+    counts = xp.empty(3, i64)
     n_flags = int(res["flags"].shape[0])
+    done_real, done_index = done
     args = (
         res["flags"], ends, xp.int32(n), xp.int32(k_max), res["c_real"], res["c_index"], res["l_real"],
-        res["l_index"], res["layer"], i64(b1), i64(b2), i64(node_base), xp.int32(n_flags), done_real, done_index,
-        real, index, child_layer, node_parent, node_meas,
+        res["l_index"], res["layer"], i64(node_base), xp.int32(n_flags), done_in, i64(done_real.shape[0]), done_real, done_index, real, index, child_layer, node_parent, node_meas, counts,
     )  # fmt: skip
     _launch("step_compact", n_flags, args)
-    return done_real, done_index, real, index, child_layer, node_parent, node_meas
+    return real, index, child_layer, node_parent, node_meas, counts
+
+
+def no_limit(xp: ModuleType) -> Array:
+    """A device row count larger than any table (for kernels whose rows all exist)."""
+    return device_constant(xp, ("no_limit",), lambda: np.asarray([2**62], dtype=np.int64))
 
 
 def _geometry_args(xp: ModuleType, det: Any, geo: Any, nav: Any) -> tuple:
@@ -914,6 +934,7 @@ def layer_search(
     steps: int,
     node_base: int = 0,
     active: Array | None = None,
+    n_limit: Array | None = None,
 ) -> dict[str, Array]:
     """One CKF layer step (mode 0) or overlap search (mode 1) for all packed candidates
     (``real``, ``index`` of :class:`kernels.candidates.Candidates`): see the kernel.
@@ -925,7 +946,8 @@ def layer_search(
     another module of its layer in place (``real`` and ``index`` are updated; they must be contiguous
     float64 / int64) as node ``node_base + row``; ``meas`` and ``node_parent`` are the node table's
     next ``n`` entries (-1 where nothing was found). ``active`` (mode 0, bool per candidate): only
-    these take part; the others set no flag."""
+    these take part; the others set no flag. ``n_limit`` (device, one int64): only the rows below it
+    exist (mode 1; the tables may be larger), the others are not touched."""
     n = int(real.shape[0])
     f64, i64, i32 = xp.float64, xp.int64, xp.int32
     if max_b > 4:
@@ -998,6 +1020,7 @@ def layer_search(
         out["node_parent"],
         active if active is not None else out["leaving"],
         i32(active is not None),
+        n_limit if n_limit is not None else no_limit(xp),
     )
     _launch("layer_search", n, args)
     return out

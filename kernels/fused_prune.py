@@ -70,11 +70,11 @@ extern "C" __global__ void prune_clear(
 }
 
 extern "C" __global__ void prune_insert(
-    const double* real, const long long* index, int n, long long n_meas_total, int merge,
+    const double* real, const long long* index, int n, const long long* live, long long n_meas_total, int merge,
     long long* table_key, unsigned long long* table_q, long long mask, long long* slot_of) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    if (!merge) { slot_of[i] = -1; return; }
+    if (!merge || i >= *live) { slot_of[i] = -1; return; }
     long long key = merge_key_(index, i, n_meas_total);
     unsigned long long h = (unsigned long long)key * 0x9E3779B97F4A7C15ULL;
     long long s = (long long)((h ^ (h >> 29)) & (unsigned long long)mask);
@@ -99,12 +99,12 @@ extern "C" __global__ void prune_winner(
 }
 
 extern "C" __global__ void prune_count(
-    const long long* index, int n, const long long* slot_of, const unsigned long long* table_row,
-    bool* alive, unsigned long long* count) {
+    const long long* index, int n, const long long* live, const long long* slot_of,
+    const unsigned long long* table_row, bool* alive, unsigned long long* count) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long long s = slot_of[i];
-    bool a = s < 0 || table_row[s] == (unsigned long long)i;
+    bool a = i < *live && (s < 0 || table_row[s] == (unsigned long long)i);
     alive[i] = a;
     if (a) atomicAdd(&count[index[8 * i + 2]], 1ULL);
 }
@@ -150,12 +150,14 @@ def _launch(name: str, n: int, args: tuple) -> None:
 
 
 def prune(
-    xp: ModuleType, real: Array, index: Array, n_meas_total: int, n_seeds: int, max_per_seed: int, merge: bool
-) -> Array:
+    xp: ModuleType, real: Array, index: Array, n_meas_total: int, n_seeds: int, max_per_seed: int, merge: bool,
+    live: Array,
+) -> Array:  # fmt: skip
     """Which of the packed candidates ``real``/``index`` (kernels/candidates.py) survive the duplicate
     merge (when ``merge``) and the per-seed cap (bool per row): the rows the array code keeps.
 
     Args:
+        live: the rows that exist (device, one int64; the tables may hold more): the others are not kept.
         n_meas_total: measurements the m1/m2 columns index (the merge key's radix).
         n_seeds: seeds the seed column indexes (its values are in [0, n_seeds)).
         max_per_seed: live candidates kept per seed.
@@ -181,12 +183,12 @@ def prune(
     _launch(
         "prune_insert",
         n,
-        (real, index, n32, i64(n_meas_total), xp.int32(merge), table_key, table_q, mask, slot_of),
+        (real, index, n32, live, i64(n_meas_total), xp.int32(merge), table_key, table_q, mask, slot_of),
     )
     _launch("prune_winner", n, (real, index, n32, slot_of, table_q, table_row))
     del table_key, table_q
     alive = xp.empty(n, dtype=bool)
-    _launch("prune_count", n, (index, n32, slot_of, table_row, alive, count))
+    _launch("prune_count", n, (index, n32, live, slot_of, table_row, alive, count))
     del table_row, slot_of
     ends = xp.cumsum(count, dtype=i64)
     listing = xp.empty(n, dtype=i64)

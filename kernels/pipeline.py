@@ -113,7 +113,10 @@ class Chain:
         )
         g, c0, c1, act = cat("geometry_id"), cat("channel0"), cat("channel1"), cat("activation")
         truth = cat("measurement_id") if all(c.has_truth for c in cells) else None
-        event = repeat_index(xp, xp.asarray(np.array(counts, np.int64)), sum(counts)).astype(xp.int32)
+        if len(cells) == 1:  # no index array to copy to the device
+            event = xp.zeros(counts[0], dtype=xp.int32)
+        else:
+            event = repeat_index(xp, xp.asarray(np.array(counts, np.int64)), sum(counts)).astype(xp.int32)
         module = det.module_index(xp, g)
         if g.shape[0]:
             bad = module < 0

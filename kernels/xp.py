@@ -239,6 +239,35 @@ def to_host_many(arrays: Sequence[Array]) -> list[np.ndarray]:
     return out
 
 
+class HostCopy:
+    """A small array copied to the host without waiting: the copy is queued on the current stream now,
+    and :meth:`value` waits for it alone (on a stream that has moved on, no wait at all). numpy arrays
+    are copied at once."""
+
+    def __init__(self, a: Array) -> None:
+        self._event: Any = None
+        if isinstance(a, np.ndarray):
+            self._host = a.copy()
+            return
+        cupy = importlib.import_module("cupy")
+        a = a if a.flags.c_contiguous else cupy.ascontiguousarray(a)
+        self._host = _pinned_bytes(a.nbytes)[: a.nbytes].view(a.dtype).reshape(a.shape)
+        stream = cupy.cuda.get_current_stream()
+        a.get(stream=stream, out=self._host, blocking=False)
+        self._event = cupy.cuda.Event(disable_timing=True)
+        self._event.record(stream)
+
+    def ready(self) -> bool:
+        """Whether :meth:`value` would return without waiting."""
+        return self._event is None or bool(self._event.done)
+
+    def value(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._host
+
+
 # --- operations whose spelling differs between numpy and CuPy -----------------------------------
 
 

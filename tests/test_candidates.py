@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from host_kernels import build, compiler, launcher
 
-from kernels import fused_prune
+from kernels import fused, fused_prune
 from kernels.candidates import NODE, Candidates
 from kernels.ckf import _cap_per_seed, _merge_duplicates
 from kernels.segments import rank_in_segment
@@ -83,5 +83,21 @@ def test_fused_prune_keeps_the_rows_the_array_code_keeps(xp, monkeypatch, merge,
     n_total = 6
     ref = _merge_duplicates(xp, cands, n_total) if merge else cands
     ref = _cap_per_seed(xp, ref, 2) if n else ref
-    rows = xp.nonzero(fused_prune.prune(xp, cands.real, cands.index, n_total, 20, 2, merge))[0]
-    np.testing.assert_array_equal(to_numpy(rows), to_numpy(ref.node))
+    keep = fused_prune.prune(xp, cands.real, cands.index, n_total, 20, 2, merge, fused.no_limit(xp))
+    np.testing.assert_array_equal(to_numpy(xp.nonzero(keep)[0]), to_numpy(ref.node))
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_fused_prune_ignores_rows_past_the_live_count(xp, monkeypatch, merge):
+    """Tables sized from a bound: rows past the device's live count are neither kept nor compete."""
+    if xp is np:
+        if compiler() is None:
+            pytest.skip("no C++ compiler")
+        monkeypatch.setattr(fused_prune, "_launch", launcher(build(fused_prune._SOURCE)))
+    n, live = 700, 411
+    cands, _ = _random(xp, n, seed=9)
+    cands.index[:, NODE] = xp.arange(n)
+    head = Candidates(cands.real[:live].copy(), cands.index[:live].copy())
+    ref = _cap_per_seed(xp, _merge_duplicates(xp, head, 6) if merge else head, 2)
+    keep = fused_prune.prune(xp, cands.real, cands.index, 6, 20, 2, merge, xp.asarray([live], dtype=xp.int64))
+    np.testing.assert_array_equal(to_numpy(xp.nonzero(keep)[0]), to_numpy(ref.node))

@@ -39,6 +39,26 @@ def test_whole_chain_same_tracks(bundled, detector, monkeypatch, request):
         np.testing.assert_allclose(b.chi2, a.chi2, rtol=1e-5, atol=1e-8)
 
 
+def test_ckf_steps_with_or_without_waiting_find_the_same_tracks(bundled, detector, request):
+    """The CKF's tables sized from a bound (no wait for the host per step) or from each step's exact
+    counts (max_rows_without_wait 0: one wait per step) give the same tracks."""
+    import dataclasses
+
+    request.getfixturevalue("host_fused")
+    events = [load_cells(s, detector) for s in discover(bundled)[:2]]
+    base = ChainConfig()
+    waiting = dataclasses.replace(base, finding=dataclasses.replace(base.finding, max_rows_without_wait=0))
+    for a, b in zip(
+        [Chain(np, detector, base).reconstruct(e)[0] for e in events],
+        [Chain(np, detector, waiting).reconstruct(e)[0] for e in events],
+        strict=True,
+    ):
+        assert a.size > 200
+        np.testing.assert_array_equal(a.meas_truth_id, b.meas_truth_id)
+        np.testing.assert_array_equal(a.params, b.params)
+        np.testing.assert_array_equal(a.chi2, b.chi2)
+
+
 def test_seeding_in_small_blocks_and_chunks_gives_the_same_seeds(bundled, detector, request):
     """Middles in blocks and doublets in chunks (bounded memory) are an implementation detail: the
     smallest allowed bound, which splits the bundled events into hundreds of blocks, changes no seed."""
@@ -147,7 +167,8 @@ def test_spacepoints_and_track_parameters_are_the_array_codes(bundled, detector,
 
 def test_ckf_start_kernel_is_the_array_start(bundled, detector, request):
     """seed_start: every seed's three measurements filtered in one kernel, the same rows and nodes."""
-    from kernels import ckf
+    from kernels import ckf, fused
+    from kernels.candidates import Candidates
     from kernels.measurement_errors import measurement_variances
 
     chain = Chain(np, detector, ChainConfig())
@@ -158,8 +179,9 @@ def test_ckf_start_kernel_is_the_array_start(bundled, detector, request):
     ref_nodes, got_nodes = ckf._Nodes(np), ckf._Nodes(np)
     ref = ckf._start(*args, ref_nodes)
     request.getfixturevalue("host_fused")
-    got, alive = ckf._start_fused(*args, got_nodes)
-    got = got.take(np.nonzero(alive)[0])
+    real, index, alive, node_parent, node_meas = fused.seed_start(*args, got_nodes.count, ckf.NEWTON_STEPS)
+    got_nodes.append(node_parent, node_meas)
+    got = Candidates(real, index).take(np.nonzero(alive)[0])
     assert ref.size > 1000 and got.size == ref.size
     np.testing.assert_array_equal(got.index, ref.index)
     # the array start's transport takes the array code's finite differences: ~1e-8 apart in a few entries
