@@ -262,8 +262,8 @@ def _count_launches() -> None:
         module._launch = launch
     make = fused_fit._kernel
 
-    def kernel():
-        k = make()
+    def kernel(lanes=1):
+        k = make(1)
 
         def run(grid, block, args):
             _count("ops")

@@ -117,5 +117,5 @@ def install(set_attr: Callable[[Any, str, Any], None] = setattr) -> None:
         def __call__(self, grid, block, args):
             launcher(fit_lib)("fit_tracks", int(args[5]), args)
 
-    set_attr(fused_fit, "_kernel", lambda: _Fit())
+    set_attr(fused_fit, "_kernel", lambda lanes=1: _Fit())  # one thread per track on the host
     set_attr(fused, "enabled", lambda xp: True)

@@ -266,3 +266,60 @@ def test_majority_truth_and_variance_kernels_match_array_code(states):
     cfg = MeasurementErrorConfig()
     ref, got = both(lambda: list(measurement_variances(cp, chain.detector, front.measurements, cfg)))
     close(ref, got, rtol=1e-14)
+
+
+def _mixed_lengths(xp, offsets, measurements, n):
+    """The first ``n`` tracks, most cut short to 1 to 13 measurements: neighbours differ in length."""
+    offsets = to_numpy(offsets)
+    length = np.diff(offsets[: n + 1])
+    keep = np.minimum(length, 1 + (np.arange(n) * 5) % 13)
+    new = np.r_[0, np.cumsum(keep)]
+    rows = np.repeat(offsets[:n], keep) + np.arange(new[-1]) - np.repeat(new[:-1], keep)
+    return xp.asarray(new), measurements[xp.asarray(rows)]
+
+
+def test_fit_on_lanes_has_the_one_thread_fits_bits(states, bundled, detector, monkeypatch):
+    """The fit with ``fused_fit._LANES`` lanes per track (the Jacobians' maps side by side, exchanged
+    by shuffles) against the same source built for one thread per track, bit for bit, and against the
+    array code: an event's tracks, and tracks cut to 1 to 13 measurements, 1, 3 and 4k + 3 of them
+    (lanes of one warp on tracks of different lengths, partial warps and blocks)."""
+    cp, chain, _ = states
+    import kernels.pipeline as pipeline
+    from kernels import fused_fit
+
+    assert fused_fit._LANES > 1
+    captured = []
+    original = pipeline.fit_tracks
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "fit_tracks", lambda *a: captured.append(a) or original(*a))
+        chain.reconstruct(load_cells(discover(bundled)[2], detector))
+    xp, det, material, meas, offsets, measurements, start_p, start_c, variances, cfg = captured[0]
+    total = int(offsets.shape[0]) - 1
+    assert total > 100
+    assert total <= fused_fit._LANES_UP_TO
+    cases = [(offsets, measurements, total)]
+    cases += [(*_mixed_lengths(cp, offsets, measurements, n), n) for n in (1, 3, 4 * ((total - 3) // 4) + 3)]
+    for off, mi, n in cases:
+        args = (xp, det, material, meas, off, mi, start_p[:n], start_c[:n], variances, cfg)
+
+        def run(args=args):
+            r = original(*args)
+            return [r.params, r.cov, r.chi2, r.ndf.astype(np.float64), r.ok.astype(np.float64)]
+
+        ref, got = both(run)
+        with monkeypatch.context() as m:
+            m.setattr(fused_fit, "_LANES_UP_TO", 0)  # one thread per track
+            one = [to_numpy(a) for a in run()]
+        for k, (a, b) in enumerate(zip(one, got, strict=True)):
+            differ = ~((a == b) | (np.isnan(a) & np.isnan(b)))
+            rel = np.abs(b - a)[differ] / np.maximum(np.abs(a[differ]), 1e-300)
+            assert not differ.any(), (
+                f"{n} tracks, output {k}: {differ.sum()} entries differ from the one-thread fit's "
+                f"(relative difference up to {rel.max():.3g})"
+            )
+        np.testing.assert_array_equal(ref[4], got[4])
+        np.testing.assert_array_equal(ref[3], got[3])
+        ok = ref[4] > 0
+        # tracks cut short are loosely constrained: the finite differences' noise shows more (host: 2e-6)
+        rtol = 1e-5 if n == total else 1e-4
+        close([r[ok] for r in ref[:3]], [g[ok] for g in got[:3]], rtol=rtol, atol=1e-9)

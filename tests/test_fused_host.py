@@ -216,3 +216,143 @@ def test_majority_truth_and_variances_are_the_array_codes(bundled, detector, req
     got_var = measurement_variances(np, chain.detector, meas, cfg)
     for a, b in zip(ref_var, got_var, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-15, atol=0)
+
+
+# The GPU fit runs a track on 8 lanes of a warp (kernels/fused_fit.py, FIT_LANES). Here each lane is a
+# host thread, and a shuffle or __syncwarp is a barrier of the track's lanes that also checks the mask
+# (the track's lanes, the kernel's group_mask_) and flags a lane that never arrives
+_LANE_SHIM = r"""
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#define FIT_LANES 8
+static std::mutex lane_mutex_;
+static std::condition_variable lane_cv_;
+static int lane_waiting_ = 0, lane_errors_ = 0;
+static long lane_generation_ = 0;
+static double lane_slot_[FIT_LANES];
+static thread_local int lane_ = 0;
+static void lane_barrier_() {
+    std::unique_lock<std::mutex> lock(lane_mutex_);
+    if (lane_errors_ & 1) return;
+    long gen = lane_generation_;
+    if (++lane_waiting_ == FIT_LANES) { lane_waiting_ = 0; ++lane_generation_; lane_cv_.notify_all(); return; }
+    if (!lane_cv_.wait_for(lock, std::chrono::seconds(10), [&] { return lane_generation_ != gen; })) lane_errors_ |= 1;
+}
+static void lane_check_(unsigned mask, int src, int width) {
+    unsigned track = 0xffu << (8 * ((threadIdx.x % 32) / 8));
+    if (mask != track || width != FIT_LANES || src < 0 || src >= width) {
+        std::lock_guard<std::mutex> lock(lane_mutex_);
+        lane_errors_ |= 2;
+    }
+}
+inline double __shfl_sync(unsigned mask, double v, int src, int width) {
+    lane_check_(mask, src, width);
+    lane_slot_[lane_] = v;
+    lane_barrier_();
+    double r = lane_slot_[src];
+    lane_barrier_();
+    return r;
+}
+inline void __syncwarp(unsigned mask) { lane_check_(mask, 0, FIT_LANES); lane_barrier_(); }
+"""
+
+
+def _lane_fit_library():
+    """The fit built for 8 lanes per track: ``fit_lanes(args..., n_tracks_launched)`` runs every lane of
+    tracks 0, 1, ... as a thread (blocks of 64 lanes) and returns the error bits (1: a lane missed a
+    shuffle, 2: a wrong mask or source lane)."""
+    import ctypes
+    import hashlib
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from host_kernels import SHIM
+
+    from kernels import fused_fit
+
+    code = fused_fit.full_source().replace('extern "C" __global__ void ', "void k_")
+    m = re.search(r"void k_fit_tracks\((.*?)\)\s*\{", code, re.S)
+    assert m is not None
+    names = [re.split(r"[\s\*]+", p.strip())[-1] for p in m.group(1).split(",")]
+    driver = f"""
+extern "C" int fit_lanes({m.group(1)}, int n_launched) {{
+    std::thread lanes[FIT_LANES];
+    for (int l = 0; l < FIT_LANES; ++l)
+        lanes[l] = std::thread([=] {{
+            lane_ = l;
+            blockDim.x = 64;
+            for (int t = 0; t < n_launched; ++t) {{
+                blockIdx.x = (t * FIT_LANES + l) / 64;
+                threadIdx.x = (t * FIT_LANES + l) % 64;
+                k_fit_tracks({", ".join(names)});
+            }}
+        }});
+    for (auto& lane : lanes) lane.join();
+    return lane_errors_;
+}}
+"""
+    text = SHIM + _LANE_SHIM + code + driver
+    out = Path(tempfile.gettempdir()) / f"trackfleet-lanes-{hashlib.sha1(text.encode()).hexdigest()[:16]}.so"
+    if not out.exists():
+        src = out.with_suffix(".cpp")
+        src.write_text(text)
+        subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(out), str(src)], check=True)
+    return ctypes.CDLL(str(out))
+
+
+def _mixed_lengths(offsets, measurements, n):
+    """The first ``n`` tracks, most cut short to 1 to 13 measurements: neighbours differ in length."""
+    length = np.diff(offsets[: n + 1])
+    keep = np.minimum(length, 1 + (np.arange(n) * 5) % 13)
+    new = np.r_[0, np.cumsum(keep)]
+    rows = np.repeat(offsets[:n], keep) + np.arange(new[-1]) - np.repeat(new[:-1], keep)
+    return new, measurements[rows]
+
+
+def test_fit_on_lanes_has_the_one_thread_fits_bits(bundled, detector, request, monkeypatch):
+    """The GPU's fit (a track on 8 lanes, the Jacobians' maps side by side and exchanged by shuffles),
+    run here with a thread per lane: every lane of a track reaches every shuffle with the track's mask,
+    and the results are the one-thread fit's, bit for bit, for tracks of 1 to 13 measurements, 45 of
+    them (no whole warp); both agree with the array code."""
+    import ctypes
+
+    from host_kernels import _arg
+
+    from kernels import fitting, fused, fused_fit
+
+    request.getfixturevalue("host_fused")
+    captured = []
+    original = fused_fit.fit_tracks
+    monkeypatch.setattr(fused_fit, "fit_tracks", lambda *a: captured.append(a) or original(*a))
+    chain = Chain(np, detector, ChainConfig())
+    chain.reconstruct(load_cells(discover(bundled)[0], detector))
+    xp, det, material, meas, offsets, measurements, start_p, start_c, variances, *rest = captured[0]
+    n = 45
+    offsets, measurements = _mixed_lengths(offsets, measurements, n)
+    fit_args = (det, material, meas, offsets, measurements, start_p[:n], start_c[:n], variances)
+    args = (xp, *fit_args, *rest)
+    one = original(*args)
+    lib, errors = _lane_fit_library(), []
+
+    def lanes(grid, block, kernel_args):
+        assert grid[0] * block[0] >= n * 8 and block[0] % 32 == 0
+        launched = grid[0] * block[0] // 8
+        errors.append(lib.fit_lanes(*[_arg(a) for a in kernel_args], ctypes.c_int(launched)))
+
+    monkeypatch.setattr(fused_fit, "_kernel", lambda n_lanes=8: lanes)
+    got = original(*args)
+    assert errors == [0]
+    for a, b in zip(one, got, strict=True):
+        np.testing.assert_array_equal(b, a)
+    monkeypatch.setattr(fused, "enabled", lambda xp: False)
+    ref = fitting.fit_tracks(np, *fit_args, chain.config.fitting)
+    assert np.diff(offsets).min() == 1 and ref.ok.sum() > 30
+    np.testing.assert_array_equal(got[4], ref.ok)
+    np.testing.assert_array_equal(got[3], ref.ndf)
+    ok = ref.ok
+    np.testing.assert_allclose(got[0][ok], ref.params[ok], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(got[2][ok], ref.chi2[ok], rtol=1e-5, atol=1e-8)
