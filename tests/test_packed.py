@@ -68,6 +68,30 @@ def test_compact_size(rng):
     _, buffers = pack_event(cells)
     per_cell = sum(b.nbytes for b in buffers) / cells.size
     assert per_cell <= 17  # u16 channels + f32 activation/time + u32 truth + run-length modules
+    zero_time = Cells(**{**{f: getattr(cells, f) for f in ("geometry_id", "channel0", "channel1", "activation",
+                                                           "measurement_id", "event_id")},
+                         "time": np.zeros(cells.size, np.float32)})  # fmt: skip
+    _, buffers = pack_event(zero_time)
+    assert sum(b.nbytes for b in buffers) / cells.size <= 13  # no time column
+
+
+@pytest.mark.parametrize("truth", [True, False])
+def test_zero_times_are_not_sent(xp, rng, truth):
+    """All-zero times (simulated events) travel as no column at all and come back as zeros; one
+    non-zero time sends the whole column."""
+    from dataclasses import replace
+
+    cells = random_cells(rng, truth=truth)
+    cells = replace(cells, time=np.zeros(cells.size, np.float32))
+    header, buffers = pack_event(cells)
+    assert "time" not in [c[0] for c in msgpack.unpackb(header)["columns"]]
+    assert_same(cells, unpack_event(header, buffers).to_cells(xp).to(np))
+    times = np.zeros(cells.size, np.float32)
+    times[-1] = 1.5
+    cells = replace(cells, time=times)
+    header, buffers = pack_event(cells)
+    assert "time" in [c[0] for c in msgpack.unpackb(header)["columns"]]
+    assert_same(cells, unpack_event(header, buffers).to_cells(xp).to(np))
 
 
 def test_empty_event_round_trip():

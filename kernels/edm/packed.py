@@ -6,7 +6,9 @@ columns). Unpacking never copies: columns are ``numpy.frombuffer`` views of the 
 widening to the in-memory dtypes happens in :meth:`PackedEvent.to_cells` on the target device.
 
 Sizes: modules are run-length encoded (cells are grouped by module), channels travel as uint16
-when they fit, the truth id as uint32 when it fits. A mu=200 event (~326k cells) packs to ~5 MB.
+when they fit, the truth id as uint32 when it fits, and the time column only when some cell has a
+non-zero time (the chain does not read it; simulated events carry zeros). A mu=200 event (~326k cells)
+packs to ~4 MB, ~5.3 MB with times.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ _ALLOWED = {
     "time": {"<f4"},
     "measurement_id": {"<u4", "<i8"},
 }
-_REQUIRED = ("module_ids", "module_counts", "channel0", "channel1", "activation", "time")
+_REQUIRED = ("module_ids", "module_counts", "channel0", "channel1", "activation")  # time: zeros when absent
 _TO_DEVICE = ("module_counts", "module_ids", "channel0", "channel1", "activation", "time", "measurement_id")
 
 
@@ -82,12 +84,15 @@ class PackedEvent:
         owner = repeat_index(xp, c["module_counts"], self.n_cells)
         geometry_id = c["module_ids"][owner]
         mid = c.get("measurement_id")
+        time = (
+            c["time"].astype(VALUE_DTYPE, copy=False) if "time" in c else xp.zeros(self.n_cells, VALUE_DTYPE)
+        )
         return Cells(
             geometry_id=geometry_id.astype(GEOMETRY_DTYPE, copy=False),
             channel0=c["channel0"].astype(CHANNEL_DTYPE),
             channel1=c["channel1"].astype(CHANNEL_DTYPE),
             activation=c["activation"].astype(VALUE_DTYPE, copy=False),
-            time=c["time"].astype(VALUE_DTYPE, copy=False),
+            time=time,
             measurement_id=None if mid is None else mid.astype(TRUTH_DTYPE),
             event_id=self.event_id,
         )
@@ -123,8 +128,10 @@ def pack_event(cells: Cells, detector: str = "") -> tuple[bytes, list[np.ndarray
         "channel0": _narrow(to_numpy(cells.channel0), "<u2", "<i4"),
         "channel1": _narrow(to_numpy(cells.channel1), "<u2", "<i4"),
         "activation": to_numpy(cells.activation).astype("<f4", copy=False),
-        "time": to_numpy(cells.time).astype("<f4", copy=False),
     }
+    time = to_numpy(cells.time).astype("<f4", copy=False)
+    if time.any():  # all zeros (simulation): not sent, the reader restores them
+        cols["time"] = time
     if cells.measurement_id is not None:
         cols["measurement_id"] = _narrow(to_numpy(cells.measurement_id), "<u4", "<i8")
     header = {

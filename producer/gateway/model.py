@@ -509,8 +509,9 @@ def _pack_checked(
         "channel0": ch0,
         "channel1": ch1,
         "activation": np.ascontiguousarray(tensors["VALUE"], "<f4"),
-        "time": np.ascontiguousarray(ts, "<f4") if ts is not None else np.zeros(n, "<f4"),
     }
+    if ts is not None and ts.any():  # zeros are not sent (kernels.edm.packed.pack_event)
+        cols["time"] = np.ascontiguousarray(ts, "<f4")
     truth = tensors.get("TRUTH_ID")
     if truth is not None:
         top, non_negative = _largest(truth)
@@ -625,8 +626,9 @@ def _scan_cells(
         "channel0": out["channel0"],
         "channel1": out["channel1"],
         "activation": tensors["VALUE"],
-        "time": ts if ts is not None else np.zeros(n, "<f4"),
     }
+    if ts is not None and ts.any():  # zeros are not sent (kernels.edm.packed.pack_event)
+        cols["time"] = ts
     if truth is not None:
         cols["measurement_id"] = out["measurement_id"] if all(p.truth_fits for p in found) else truth
     return cols
