@@ -542,10 +542,8 @@ def _find_fused(
         return []
     # no step has more rows than the prune's cap allows: max_branches_per_seed per seed, each branching
     rows_bound = max(n_seeds, k_max * cfg.max_branches_per_seed * n_seeds)
-    done_real = xp.empty((n_seeds, 32), xp.float64)
-    done_index = xp.empty((n_seeds, 8), xp.int64)
-    done_in = xp.zeros(1, xp.int64)  # finished rows before the first step
-    counts: list[HostCopy] = []  # per step: (next rows, children, finished so far), on the host
+    done = _DoneTables(xp, n_seeds)
+    counts: list[HostCopy] = []  # per step: (next rows, children, finished so far in its table), on the host
     rows = [n_seeds]  # rows of each step's input table
     for step in range(cfg.max_steps):
         cap = rows[-1]
@@ -553,15 +551,12 @@ def _find_fused(
             break
         if step >= 2:
             # step - 2's counts: the GPU has finished that step and works on the next one
-            prev = counts[step - 2].value()
-            live_prev, done_known = int(prev[0]), int(prev[2])
+            live_prev = int(counts[step - 2].value()[0])
             if live_prev == 0:  # step - 1 had nothing to do, nor has any later one
                 break
             bound = min(rows_bound, k_max * cap, k_max * k_max * live_prev)
-            done_bound = done_known + rows[-2] + cap
         else:
             bound = min(rows_bound, k_max * cap)
-            done_bound = sum(rows)
         with section("finding.layer_search"):
             res = fused.layer_search(
                 xp, det, geo, geo.nav, real, index, None, 0, ctx.mkey, meas, ctx.mv0, ctx.mv1, cfg, k_max,
@@ -573,22 +568,19 @@ def _find_fused(
             n_bounds = (2 * cap - 1, 2 * cap + cap * k_max - 1, 3 * cap + cap * k_max - 1)
             b1, b2, total = (int(c) for c in to_numpy(fused.pick(xp, ends, n_bounds)))
             out_rows, child_rows = total - b1, b2 - b1
-            done_bound = (int(counts[-1].value()[2]) if counts else 0) + b1
+            table, done_in = done.reserve(step, counts, rows, b1, exact=True)
         else:
             out_rows = child_rows = bound
-        if done_bound > done_real.shape[0]:
-            grown = max(done_bound, 2 * done_real.shape[0])
-            done_real = _grow(xp, done_real, grown)
-            done_index = _grow(xp, done_index, grown)
+            table, done_in = done.reserve(step, counts, rows, cap, exact=False)
         real, index, child_layer, node_parent, node_meas, step_counts = fused.step_compact(
-            xp, res, ends, cap, k_max, out_rows, child_rows, nodes.count, (done_real, done_index), done_in
+            xp, res, ends, cap, k_max, out_rows, child_rows, nodes.count, table, done_in
         )
         nodes.append(node_parent, node_meas)
         # the step's tables are done with: free them before the overlap search allocates its own (the
         # memory pool keeps the peak of a batch, and this was it)
         del res, ends
         counts.append(HostCopy(step_counts))
-        done_in = step_counts[2:3]
+        done.written(step_counts)
         rows.append(out_rows)
         if child_rows:
             with section("finding.overlap_search"):
@@ -605,20 +597,73 @@ def _find_fused(
                 step_counts[0:1],
             )  # fmt: skip
     # the rows the prune kept past the last step are finished too (none when the loop ran dry)
-    finished = []
-    n_done = int(counts[-1].value()[2]) if counts else 0
-    if n_done > done_real.shape[0]:
-        raise RuntimeError(f"CKF: {n_done} finished candidates overflowed a table of {done_real.shape[0]}")
-    if n_done:
-        finished.append(Candidates(done_real[:n_done], done_index[:n_done]))
+    finished = done.candidates(counts)
     last = xp.nonzero(active)[0]
     if last.shape[0]:
         finished.append(Candidates(real, index).take(last))
     return finished
 
 
-def _grow(xp: ModuleType, table: Array, rows: int) -> Array:
-    """``table`` with room for ``rows`` rows (its rows copied first, in stream order)."""
+class _DoneTables:
+    """The finished rows of the GPU's CKF steps, in step order. Each step's compaction appends them to
+    the open table at the count the previous step left on the device. For a step that waited for its
+    sizes the host knows that count and the step's rows exactly, and a step that does not fit gets a
+    table of its own (as the array code's list of steps, no copy: large batches). Otherwise the host
+    bounds the rows of the steps whose counts have not reached it by their input rows, and grows the
+    open table by a copy when the bound does not fit (small batches: small tables)."""
+
+    def __init__(self, xp: ModuleType, rows: int) -> None:
+        self.xp = xp
+        self.closed: list[tuple[Array, Array, int]] = []  # (real, index, last step that wrote it)
+        self._open(rows, 0)
+
+    def _open(self, rows: int, first_step: int) -> None:
+        self.real = self.xp.empty((rows, 32), self.xp.float64)
+        self.index = self.xp.empty((rows, 8), self.xp.int64)
+        self.first = first_step
+        self.count: Array = self.xp.zeros(1, self.xp.int64)  # rows in the open table (device)
+
+    def reserve(
+        self, step: int, counts: list[HostCopy], rows: list[int], step_rows: int, exact: bool
+    ) -> tuple[tuple[Array, Array], Array]:
+        """The table step ``step`` appends to and the device count it starts at. ``step_rows``: its
+        finished rows (``exact``: the step waited, and so are the earlier steps' counts known) or a
+        bound on them (the counts reach the host one step late)."""
+        known_step = step - 1 if exact else step - 2
+        if known_step >= self.first:
+            known = int(counts[known_step].value()[2])
+            pending = sum(rows[known_step + 1 : step])
+        else:
+            known, pending = 0, sum(rows[self.first : step])
+        need = known + pending + step_rows
+        if need > self.real.shape[0]:
+            if exact:
+                self.closed.append((self.real, self.index, step - 1))
+                self._open(max(step_rows, 1), step)
+            else:
+                rows_now = max(need, 2 * self.real.shape[0])
+                self.real, self.index = (_grown(self.xp, t, rows_now) for t in (self.real, self.index))
+        return (self.real, self.index), self.count
+
+    def written(self, step_counts: Array) -> None:
+        """The step's compaction has queued its rows: the open table's count is now its counts[2]."""
+        self.count = step_counts[2:3]
+
+    def candidates(self, counts: list[HostCopy]) -> list[Candidates]:
+        """The finished rows, table by table (waits for the last step's counts)."""
+        out = []
+        last_step = len(counts) - 1
+        for real, index, last in [*self.closed, (self.real, self.index, last_step)]:
+            n = int(counts[last].value()[2]) if last >= 0 else 0
+            if n > real.shape[0]:
+                raise RuntimeError(f"CKF: {n} finished candidates overflowed a table of {real.shape[0]}")
+            if n:
+                out.append(Candidates(real[:n], index[:n]))
+        return out
+
+
+def _grown(xp: ModuleType, table: Array, rows: int) -> Array:
+    """``table`` with room for ``rows`` rows (its rows copied in stream order, after those queued)."""
     out = xp.empty((rows, *table.shape[1:]), table.dtype)
     out[: table.shape[0]] = table
     return out

@@ -39,15 +39,30 @@ def test_whole_chain_same_tracks(bundled, detector, monkeypatch, request):
         np.testing.assert_allclose(b.chi2, a.chi2, rtol=1e-5, atol=1e-8)
 
 
-def test_ckf_steps_with_or_without_waiting_find_the_same_tracks(bundled, detector, request):
+@pytest.mark.parametrize(
+    ("rows_without_wait", "first_table_rows"), [(0, None), (6000, None), (0, 1), (131072, 1)]
+)
+def test_ckf_steps_with_or_without_waiting_find_the_same_tracks(
+    bundled, detector, request, monkeypatch, rows_without_wait, first_table_rows
+):
     """The CKF's tables sized from a bound (no wait for the host per step) or from each step's exact
-    counts (max_rows_without_wait 0: one wait per step) give the same tracks."""
+    counts (max_rows_without_wait 0: one wait per step; 6000: the bundled events' steps of both kinds)
+    give the same tracks; also with a one-row first table of finished rows, so that steps that waited
+    open tables of their own and the others grow theirs."""
     import dataclasses
 
+    from kernels import ckf
+
     request.getfixturevalue("host_fused")
+    if first_table_rows is not None:
+        init = ckf._DoneTables.__init__
+        monkeypatch.setattr(
+            ckf._DoneTables, "__init__", lambda self, xp, rows: init(self, xp, first_table_rows)
+        )
     events = [load_cells(s, detector) for s in discover(bundled)[:2]]
     base = ChainConfig()
-    waiting = dataclasses.replace(base, finding=dataclasses.replace(base.finding, max_rows_without_wait=0))
+    finding = dataclasses.replace(base.finding, max_rows_without_wait=rows_without_wait)
+    waiting = dataclasses.replace(base, finding=finding)
     for a, b in zip(
         [Chain(np, detector, base).reconstruct(e)[0] for e in events],
         [Chain(np, detector, waiting).reconstruct(e)[0] for e in events],
