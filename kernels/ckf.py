@@ -542,7 +542,7 @@ def _find_fused(
         return []
     # no step has more rows than the prune's cap allows: max_branches_per_seed per seed, each branching
     rows_bound = max(n_seeds, k_max * cfg.max_branches_per_seed * n_seeds)
-    done = _DoneTables(xp, n_seeds)
+    done = _DoneTables(xp, 0)  # sized by the first step that finishes rows
     counts: list[HostCopy] = []  # per step: (next rows, children, finished so far in its table), on the host
     rows = [n_seeds]  # rows of each step's input table
     for step in range(cfg.max_steps):

@@ -499,7 +499,7 @@ def _middle_block(
                     xp.int32(top), cfgv, side["n_bins"], side["c_lo"], side["c_hi"], side["b_lo"],
                 ),
             )  # fmt: skip
-        side["bins_end"] = xp.cumsum(side["n_bins"], dtype=i64)  # inclusive: item ends per (middle, layer)
+        side["bins_end"] = xp.cumsum(side.pop("n_bins"), dtype=i64)  # inclusive: item ends per window
         sides.append(side)
     # both sides' item totals in one copy to the host
     n_items_side = (
@@ -513,7 +513,7 @@ def _middle_block(
             n_items,
             (side["bins_end"], i64(n_ml), i64(n_items), side["item_ml"], side["item_k"]),
         )
-        side["count"] = count = xp.empty(n_items, dtype=xp.int32)
+        count = xp.empty(n_items, dtype=xp.int32)
         with section("seeding.doublets_count"):
             _launch(
                 "doublet_scan",
@@ -530,12 +530,13 @@ def _middle_block(
         item_cum[:1] = 0
         if n_items:
             xp.cumsum(count, dtype=i64, out=item_cum[1:])
+        del count  # the fill pass reads the offsets only: hold one table per item, not two
         side["mid_item_off"] = xp.empty(n_mid + 1, dtype=i64)
         side["doublets_per_mid"] = xp.empty(n_mid + 1, dtype=i64)
         _launch(
             "middle_offsets",
             n_mid + 1,
-            (side["bins_end"], item_cum, xp.int32(n_mid), xp.int32(n_layers), side["mid_item_off"],
+            (side.pop("bins_end"), item_cum, xp.int32(n_mid), xp.int32(n_layers), side["mid_item_off"],
              side["doublets_per_mid"]),
         )  # fmt: skip
     # doublets per middle, both sides, cumulative (doublets_per_mid is already a prefix sum)
@@ -632,7 +633,7 @@ def _chunk(
                     xp.int32(top),
                     cfgv,
                     xp.int32(1),
-                    side["count"][i0:i1],
+                    _unused(xp, np.int32),  # the counts: written by the counting pass only
                     off,
                     d["middle"],
                     d["other"],
