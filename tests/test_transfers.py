@@ -10,7 +10,15 @@ import pytest
 from test_packed import assert_same, random_cells
 
 from kernels.edm.packed import pack_event, unpack_event
-from kernels.xp import _pack_layout, cupy_available, get_namespace, to_device_many, to_host_many, to_numpy
+from kernels.xp import (
+    HostCopy,
+    _pack_layout,
+    cupy_available,
+    get_namespace,
+    to_device_many,
+    to_host_many,
+    to_numpy,
+)
 
 
 def host_arrays(rng: np.random.Generator) -> list[np.ndarray]:
@@ -192,3 +200,25 @@ def test_to_host_many_mixed_and_on_a_stream(cp, rng):
         got_host, got_y = to_host_many([host, y])
     assert got_host is host
     np.testing.assert_array_equal(got_y, np.sqrt(np.arange(2_000_000, dtype=np.float64)) * 2)
+
+
+# --- copies to the host without waiting ------------------------------------------------------------
+
+
+def test_host_copy_of_a_numpy_array_is_a_copy():
+    a = np.arange(3, dtype=np.int64)
+    copy = HostCopy(a)
+    a[:] = 7  # the array moves on: the copy keeps the values it had
+    assert copy.ready()
+    np.testing.assert_array_equal(copy.value(), [0, 1, 2])
+
+
+@pytest.mark.gpu
+def test_host_copy_on_cupy_holds_the_values_of_its_time(cp):
+    """The copy is queued when made: a later kernel writing the array does not change it."""
+    a = cp.arange(3, dtype=cp.int64)
+    copy = HostCopy(a)
+    a += 10
+    np.testing.assert_array_equal(copy.value(), [0, 1, 2])
+    assert copy.ready()
+    np.testing.assert_array_equal(HostCopy(a[::2]).value(), [10, 12])  # not contiguous
