@@ -23,7 +23,7 @@ One request at a time, paths taking turns in ``--rounds`` rounds after a warm-up
 also times its part of every request (wrappers installed by this script, nothing in the product), as
 medians [ms]: ``before_handler`` (client send to handler start: the request's transfer, for gRPC also
 grpc's own receive), ``read`` (HTTP: the body), ``parse`` (KServe JSON header / message -> inputs),
-``decode`` (names, datatypes, shapes, sizes), ``pack`` (value checks, order check, detector check,
+``decode`` (names, datatypes, shapes, sizes), ``pack`` (value checks, order check, a detector check in trees before the workers took it over,
 packing for the broker), ``fleet`` (submit to reply: the broker round trip, ``direct`` plus the hop
 into the gateway's broker thread), ``output`` (tracks -> output tensors), ``respond`` (response encoding
 and writing), ``handler`` (all of the handler), ``after_handler`` (handler end to the client holding the

@@ -85,8 +85,8 @@ class ErrorCode(StrEnum):
     VERSION = "version"  #: unsupported protocol version
     OVERSIZED = "oversized"  #: message above the size or frame-count limit
     UNKNOWN_COMMAND = "unknown_command"  #: command byte not valid on this side
-    BAD_EVENT = "bad_event"  #: the packed event is malformed (the worker could not unpack it)
-    DETECTOR_MISMATCH = "detector_mismatch"  #: event made for another detector
+    BAD_EVENT = "bad_event"  #: the packed event is malformed, or a cell's charge or time is not finite
+    DETECTOR_MISMATCH = "detector_mismatch"  #: event made for another detector, or cells outside it
     RECONSTRUCTION_FAILED = "reconstruction_failed"  #: the chain raised on this event
     WORKER_LOST = "worker_lost"  #: the event was in flight on workers that died or stalled, too often
     TIMEOUT = "timeout"  #: no reply in time (set by the producer after its retries)

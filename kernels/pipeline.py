@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from kernels.edm.cells import Cells
 from kernels.edm.measurements import Measurements, Spacepoints
 from kernels.edm.seeds import BoundParameters, Seeds
 from kernels.edm.tracks import Tracks
-from kernels.errors import ConfigError, DetectorMismatchError
+from kernels.errors import ConfigError, DetectorMismatchError, EventFormatError
 from kernels.fitting import FittingConfig, fit_tracks
 from kernels.measurement_creation import create_measurements
 from kernels.measurement_errors import MeasurementErrorConfig, measurement_variances
@@ -119,17 +120,38 @@ class Chain:
             event = repeat_index(xp, xp.asarray(np.array(counts, np.int64)), sum(counts)).astype(xp.int32)
         module = det.module_index(xp, g)
         if g.shape[0]:
-            bad = module < 0
-            bins = det.seg_bins[xp.maximum(module, 0)]
-            bad |= (c0 < 0) | (c1 < 0) | (c0 >= bins[:, 0]) | (c1 >= bins[:, 1])
+            self._check_cells(events, event, g, module, c0, c1, act, cat("time"))
+        return module, event, c0, c1, act, truth
+
+    def _check_cells(
+        self, events: list[Cells], event: Any, g: Any, module: Any, c0: Any, c1: Any, act: Any, time_ns: Any
+    ) -> None:
+        """Every cell on a module of the detector, inside its segmentation, with finite values: the
+        fleet's check of what it reconstructs (the producer's reader and the gateway check only what
+        they need to pack an event). One host wait for all checks; the error names the first bad cell.
+
+        Raises:
+            DetectorMismatchError: a cell on an unknown module or outside its module's bins.
+            EventFormatError: a non-finite charge or time.
+        """
+        xp, det = self.xp, self.detector
+        bins = det.seg_bins[xp.maximum(module, 0)]
+        outside = (module < 0) | (c0 < 0) | (c1 < 0) | (c0 >= bins[:, 0]) | (c1 >= bins[:, 1])
+        not_finite = ~(xp.isfinite(act) & xp.isfinite(time_ns))
+        if not bool((outside | not_finite).any()):
+            return
+        for bad, error in ((outside, DetectorMismatchError), (not_finite, EventFormatError)):
             if bool(bad.any()):
                 k = int(xp.nonzero(bad)[0][0])
-                ev = events[int(event[k])].event_id
-                raise DetectorMismatchError(
-                    f"event {ev}: cell with geometry_id {int(g[k])}, channels ({int(c0[k])}, {int(c1[k])}) "
+                what = (
                     f"does not fit detector {self.fingerprint}"
+                    if error is DetectorMismatchError
+                    else f"has a value that is not finite (value {float(act[k])}, time {float(time_ns[k])} ns)"
                 )
-        return module, event, c0, c1, act, truth
+                raise error(
+                    f"event {events[int(event[k])].event_id}: cell with geometry_id {int(g[k])}, "
+                    f"channels ({int(c0[k])}, {int(c1[k])}) {what}"
+                )
 
     def run_front(self, events: list[Cells], timings: dict[str, float]) -> FrontResult:
         """The first half of the chain on a batch; adds each stage's wall time [s] to ``timings``."""

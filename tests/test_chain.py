@@ -4,6 +4,7 @@ reconstruct/validate commands."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -159,3 +160,40 @@ def test_device_constant_is_made_once_per_key(monkeypatch):
     for i in range(100):  # bounded: never grows past its limit
         xp_module.device_constant(np, ("n", i), lambda i=i: np.full(1, i))
     assert len(xp_module._DEVICE_CONSTANTS) <= 64
+
+
+def test_cells_the_chain_cannot_use_are_refused_naming_the_first(xp, bundled, detector):
+    from dataclasses import replace
+
+    from kernels.errors import DetectorMismatchError, EventFormatError
+
+    event = load_cells(discover(bundled)[0], detector)
+    chain = Chain(xp, detector, ChainConfig(last_stage="measurements"))
+    k = event.size // 2
+    g = np.asarray(event.geometry_id)
+    bins0 = int(np.asarray(detector.seg_bins)[detector.module_index(np, g[k : k + 1])[0], 0])
+
+    def changed(**columns):
+        return replace(
+            event,
+            **{
+                name: np.where(np.arange(event.size) == k, v, getattr(event, name))
+                for name, v in columns.items()
+            },
+        )
+
+    cases = [
+        (changed(geometry_id=np.uint64(12345)), DetectorMismatchError, "geometry_id 12345"),
+        (changed(channel0=np.int32(bins0)), DetectorMismatchError, f"channels ({bins0}, "),
+        (changed(activation=np.float32(np.nan)), EventFormatError, "not finite (value nan"),
+        (changed(time=np.float32(-np.inf)), EventFormatError, "time -inf ns"),
+    ]
+    for bad, error, text in cases:
+        with pytest.raises(error, match=re.escape(text)) as err:
+            chain.run_front([bad], {})
+        assert f"event {event.event_id}: cell with geometry_id {int(bad.geometry_id[k])}" in str(err.value)
+    # in a batch, the event is named
+    other = replace(cases[2][0], event_id=event.event_id + 7)
+    with pytest.raises(EventFormatError, match=f"event {event.event_id + 7}: "):
+        chain.run_front([event, other], {})
+    assert chain.run_front([event], {}).measurements is not None  # and the chain still runs

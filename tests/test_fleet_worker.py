@@ -14,6 +14,7 @@ from kernels.edm.cells import Cells, merge_duplicate_cells
 from kernels.edm.packed import pack_event
 from kernels.edm.packed_tracks import unpack_tracks
 from kernels.edm.tracks import Tracks
+from kernels.errors import DetectorMismatchError, EventFormatError
 from worker.compute import Engine, dummy_event
 from worker.config import WorkerConfig
 from worker.inbox import Inbox, JobItem
@@ -74,6 +75,10 @@ class FakeChain:
         self.batches.append(len(events))
         if any(e.event_id == 13 for e in events):
             raise RuntimeError("boom on event 13")
+        if any(e.event_id == 21 for e in events):  # as the chain's own checks of the cells
+            raise DetectorMismatchError("event 21: cell with geometry_id 5 does not fit detector")
+        if any(e.event_id == 22 for e in events):
+            raise EventFormatError("event 22: cell with geometry_id 6 has a value that is not finite")
         out = []
         for e in events:
             t = Tracks.empty(e.event_id)
@@ -154,6 +159,13 @@ def test_an_event_that_breaks_the_batch_fails_alone(engine):
         "WorkResult",
     ]
     assert out[13].code == ErrorCode.RECONSTRUCTION_FAILED and "boom" in out[13].message
+
+
+def test_cells_the_chain_refuses_fail_with_the_codes_of_bad_input(engine):
+    out = {m.job: m for m in engine.process([item(j, packed(small_cells(j))) for j in (20, 21, 22)])}
+    assert isinstance(out[20], WorkResult)
+    assert out[21].code == ErrorCode.DETECTOR_MISMATCH and out[21].message.startswith("event 21: cell")
+    assert out[22].code == ErrorCode.BAD_EVENT and "not finite" in out[22].message
 
 
 def test_preload_mode_reconstructs_the_preloaded_event_under_the_requested_id(engine):

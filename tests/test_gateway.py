@@ -439,7 +439,8 @@ def test_kserve_errors_and_the_gateway_keeps_serving(app, event, module):
         "StatusCode.INVALID_ARGUMENT",
         "differ in length",
     )
-    # bad values: negative channel, a module the detector does not have, an event id >= 2^63
+    # bad values: negative channel, a module the detector does not have and a non-finite charge (both
+    # refused by the worker, which holds the detector), an event id >= 2^63
     fails(
         lambda: client.infer("trackfleet", _small_inputs(module, CHANNEL1=np.full(10, -1, np.int32))),
         "400",
@@ -450,7 +451,22 @@ def test_kserve_errors_and_the_gateway_keeps_serving(app, event, module):
         lambda: client.infer("trackfleet", _small_inputs(module, GEOMETRY_ID=np.full(10, 12345, np.uint64))),
         "400",
         "StatusCode.INVALID_ARGUMENT",
-        "not a sensitive module",
+        "does not fit detector",
+    )
+    fails(
+        lambda: client.infer(
+            "trackfleet",
+            _small_inputs(
+                module,
+                GEOMETRY_ID=np.asarray(cells.geometry_id[:10], np.uint64),
+                CHANNEL0=np.asarray(cells.channel0[:10], np.int32),
+                CHANNEL1=np.asarray(cells.channel1[:10], np.int32),
+                VALUE=np.r_[np.float32(np.nan), np.ones(9, np.float32)],
+            ),
+        ),
+        "400",
+        "StatusCode.INVALID_ARGUMENT",
+        "not finite",
     )
     big_id = module.InferInput("EVENT_ID", [1], "UINT64")
     big_id.set_data_from_numpy(np.array([2**63], np.uint64))

@@ -105,9 +105,9 @@ def test_bad_values_are_refused():
     t = model.decode_inputs(request(CHANNEL0=(np.array([0, 1, -2, 0, 0], np.int32), "INT32")))
     with pytest.raises(InferError, match="negative channel"):
         model.cells_from_inputs(t)
+    # values the chain cannot use are the worker's to refuse (it holds the detector): the gateway packs them
     t = model.decode_inputs(request(VALUE=(np.array([0, 1, np.nan, 0, 0], np.float32), "FP32")))
-    with pytest.raises(InferError, match="not finite"):
-        model.cells_from_inputs(t)
+    assert np.isnan(model.cells_from_inputs(t).activation).sum() == 1
     t = model.decode_inputs([*request(), raw("EVENT_ID", np.array([2**63], np.uint64), "UINT64")])
     with pytest.raises(InferError, match="2\\^63"):
         model.cells_from_inputs(t)
@@ -243,23 +243,16 @@ def test_export_perf_data(bundled, tmp_path):
     assert model._sorted_unique(tensors["GEOMETRY_ID"], tensors["CHANNEL1"], tensors["CHANNEL0"])
 
 
-def test_cells_are_checked_against_the_detector(detector):
+def test_cells_outside_the_detector_are_left_to_the_fleet(detector):
     g0 = int(np.asarray(detector.geometry_id)[0])
     bins = np.asarray(detector.seg_bins)[0]
-    ok = request(
-        3, GEOMETRY_ID=(np.full(3, g0, np.uint64), "UINT64"), CHANNEL0=(np.arange(3, dtype=np.int32), "INT32")
-    )
-    assert model.cells_from_inputs(model.decode_inputs(ok), detector).size == 3
     far = request(
         3,
-        GEOMETRY_ID=(np.full(3, g0, np.uint64), "UINT64"),
+        GEOMETRY_ID=(np.array([g0, g0, 12345], np.uint64), "UINT64"),
         CHANNEL0=(np.array([0, int(bins[0]), 1], np.int32), "INT32"),
     )
-    with pytest.raises(InferError, match=f"outside the module's {int(bins[0])} bins"):
-        model.cells_from_inputs(model.decode_inputs(far), detector)
-    unknown = request(3, GEOMETRY_ID=(np.array([g0, g0, 12345], np.uint64), "UINT64"))
-    with pytest.raises(InferError, match="GEOMETRY_ID 12345 is not a sensitive module"):
-        model.cells_from_inputs(model.decode_inputs(unknown), detector)
+    packed = model.pack_inputs(model.decode_inputs(far), "fp")
+    assert packed.n_cells == 3 and msgpack.unpackb(packed.header)["detector"] == "fp"
 
 
 # --- packing a request for the broker ----------------------------------------------------------------
@@ -296,19 +289,21 @@ def sorted_tensors(
     return out
 
 
-def assert_packed_like_pack_event(tensors, detector=None, fingerprint: str = "") -> model.PackedRequest:
+def assert_packed_like_pack_event(tensors, fingerprint: str = "") -> model.PackedRequest:
     from kernels.edm.packed import pack_event, unpack_event
 
-    got = model.pack_inputs(tensors, detector, fingerprint)
-    cells = model.cells_from_inputs(tensors, detector)
+    got = model.pack_inputs(tensors, fingerprint)
+    cells = model.cells_from_inputs(tensors)
     header, buffers = pack_event(cells, fingerprint)
     assert got.header == header
     assert [b.dtype.str for b in got.buffers] == [b.dtype.str for b in buffers]
     assert [b.tobytes() for b in got.buffers] == [b.tobytes() for b in buffers]
     assert (got.event_id, got.n_cells) == (cells.event_id, cells.size)
     back = unpack_event(got.frames[0], got.frames[1:]).to_cells(np)
-    for name in ("geometry_id", "channel0", "channel1", "activation", "time", "measurement_id"):
+    for name in ("geometry_id", "channel0", "channel1", "measurement_id"):
         assert np.array_equal(getattr(back, name), getattr(cells, name)), name
+    for name in ("activation", "time"):  # NaN: the gateway leaves refusing it to the worker
+        assert np.array_equal(getattr(back, name), getattr(cells, name), equal_nan=True), name
     return got
 
 
@@ -375,50 +370,38 @@ def test_sorted_runs_detects_every_order_violation():
         assert model._sorted_runs(g, c0, np.array([wide, 0, 0, 0], np.int32)) is None
 
 
-def test_pack_inputs_checks_like_cells_from_inputs(detector):
-    ids = np.asarray(detector.geometry_id)
-    bins = np.asarray(detector.seg_bins)
-    rng = np.random.default_rng(5)
-    pick = np.sort(rng.choice(ids.shape[0], 40, replace=False))
-    modules = ids[pick]
-    # channels inside every module picked
-    tensors = sorted_tensors(300, rng, channel_max=int(bins[pick].min()), modules=modules)
-    got = assert_packed_like_pack_event(tensors, detector, "fp")
+def test_pack_inputs_checks_like_cells_from_inputs(rng):
+    tensors = sorted_tensors(300, rng)
+    got = assert_packed_like_pack_event(tensors, "fp")
     assert msgpack.unpackb(got.header)["detector"] == "fp"
-    k = int(np.searchsorted(ids, tensors["GEOMETRY_ID"][-1]))
     bad = {
-        "not a sensitive module": dict(
-            GEOMETRY_ID=np.r_[tensors["GEOMETRY_ID"][:-1], np.uint64(ids.max() + 1)]
-        ),
-        f"channel {int(bins[k, 0])} outside": dict(
-            CHANNEL0=np.r_[tensors["CHANNEL0"][:-1], np.int32(bins[k, 0])]
-        ),
-        f"channel {int(bins[k, 1])} outside": dict(
-            CHANNEL1=np.r_[tensors["CHANNEL1"][:-1], np.int32(bins[k, 1])]
-        ),
         "negative channel": dict(CHANNEL0=np.r_[-1, tensors["CHANNEL0"][1:]].astype(np.int32)),
-        "not finite": dict(TIMESTAMP=np.r_[np.float32("inf"), tensors["TIMESTAMP"][1:]].astype(np.float32)),
         "2^63": dict(EVENT_ID=np.array([2**63], np.uint64)),
     }
     for text, change in bad.items():
         t = {**tensors, **change}
         with pytest.raises(InferError, match=re.escape(text)) as fast:
-            model.pack_inputs(t, detector)
+            model.pack_inputs(t)
         with pytest.raises(InferError) as slow:
-            model.cells_from_inputs(t, detector)
+            model.cells_from_inputs(t)
         assert str(fast.value) == str(slow.value)
+    # a non-finite value is packed as it came (both paths): the worker refuses it
+    t = {**tensors, "TIMESTAMP": np.r_[np.float32("inf"), tensors["TIMESTAMP"][1:]].astype(np.float32)}
+    got = assert_packed_like_pack_event(t)
+    names = [c[0] for c in msgpack.unpackb(got.header)["columns"]]
+    assert np.isinf(got.buffers[names.index("time")][0])
     with pytest.raises(InferError, match="exceed") as err:
-        model.pack_inputs(tensors, detector, max_cells=10)
+        model.pack_inputs(tensors, max_cells=10)
     assert err.value.status is Status.TOO_LARGE
 
 
 # --- packing in pieces on a thread pool ---------------------------------------------------------------
 
 
-def pack_outcome(tensors, detector=None, **kw):
+def pack_outcome(tensors, **kw):
     """What pack_inputs makes of a request: its header and column bytes, or its error."""
     try:
-        got = model.pack_inputs(tensors, detector, "fp", **kw)
+        got = model.pack_inputs(tensors, "fp", **kw)
     except InferError as exc:
         return ("error", exc.status, str(exc))
     return (
@@ -441,9 +424,9 @@ def pieces(monkeypatch):
     checked: list[int] = []
     scan, pack_checked = model._scan_piece, model._pack_checked
 
-    def spy(tensors, tables, out, a, b):
+    def spy(tensors, out, a, b):
         ranges.append((a, b))
-        return scan(tensors, tables, out, a, b)
+        return scan(tensors, out, a, b)
 
     def spy_checked(tensors, *a):
         checked.append(tensors["GEOMETRY_ID"].shape[0])
@@ -455,34 +438,26 @@ def pieces(monkeypatch):
         yield pool, ranges, checked
 
 
-def test_pack_inputs_in_pieces_gives_the_serial_bytes(pieces, detector, rng):
+def test_pack_inputs_in_pieces_gives_the_serial_bytes(pieces, rng):
     pool, ranges, checked = pieces
-    ids = np.asarray(detector.geometry_id)
-    bins = np.asarray(detector.seg_bins)
-    pick = np.sort(rng.choice(ids.shape[0], 30, replace=False))
     cases = {
-        "narrow": (sorted_tensors(400, rng, truth=lambda m: rng.integers(0, 2**32, m)), None),
-        "truth in int64": (sorted_tensors(400, rng, truth=lambda m: rng.integers(-1, 2**40, m)), None),
-        "one piece's truth in int64": (
-            sorted_tensors(400, rng, truth=lambda m: np.r_[rng.integers(0, 9, m - 1), -1]),
-            None,
+        "narrow": sorted_tensors(400, rng, truth=lambda m: rng.integers(0, 2**32, m)),
+        "truth in int64": sorted_tensors(400, rng, truth=lambda m: rng.integers(-1, 2**40, m)),
+        "one piece's truth in int64": sorted_tensors(
+            400, rng, truth=lambda m: np.r_[rng.integers(0, 9, m - 1), -1]
         ),
-        "wide channels": (sorted_tensors(400, rng, channel_max=100_000), None),
-        "no timestamp, no truth": (sorted_tensors(400, rng, timestamp=False), None),
-        "one module": (sorted_tensors(60, rng, modules=np.array([7], np.uint64)), None),
-        "two modules": (sorted_tensors(60, rng, channel_max=6, modules=np.array([7, 9], np.uint64)), None),
-        "detector": (
-            sorted_tensors(400, rng, channel_max=int(bins[pick].min()), modules=ids[pick]),
-            detector,
-        ),
+        "wide channels": sorted_tensors(400, rng, channel_max=100_000),
+        "no timestamp, no truth": sorted_tensors(400, rng, timestamp=False),
+        "one module": sorted_tensors(60, rng, modules=np.array([7], np.uint64)),
+        "two modules": sorted_tensors(60, rng, channel_max=6, modules=np.array([7, 9], np.uint64)),
     }
-    for name, (tensors, det) in cases.items():
-        serial = pack_outcome(tensors, det)
+    for name, tensors in cases.items():
+        serial = pack_outcome(tensors)
         assert serial[0] == "packed", name
         for k in (2, 3, 4, 7):
             ranges.clear()
             checked.clear()
-            assert pack_outcome(tensors, det, pool=pool, pieces=k) == serial, (name, k)
+            assert pack_outcome(tensors, pool=pool, pieces=k) == serial, (name, k)
             assert checked == ([] if name != "wide channels" else [400]), (name, k)  # the one sweep
             n = tensors["GEOMETRY_ID"].shape[0]
             starts = sorted(a for a, _ in ranges)
@@ -491,12 +466,13 @@ def test_pack_inputs_in_pieces_gives_the_serial_bytes(pieces, detector, rng):
             assert all(g[a] != g[a - 1] for a in starts[1:]), (name, k)  # whole modules in each piece
             if name not in ("one module", "wide channels"):
                 assert len(ranges) > 1, (name, k)
-    assert_packed_like_pack_event(cases["detector"][0], detector, "fp")
+    assert_packed_like_pack_event(cases["narrow"], "fp")
 
 
 def test_pack_inputs_in_pieces_refuses_like_the_serial_path(pieces, detector, rng):
-    # every bad value, order and detector violation in the first piece, at a boundary between pieces
-    # and in the last piece: the same KServe error as serially (or the same event where it is valid)
+    # every bad value and order, and cells the worker will refuse, in the first piece, at a boundary
+    # between pieces and in the last piece: the same KServe error as serially (or the same event where
+    # the gateway lets it through)
     pool, ranges, _ = pieces
     ids = np.asarray(detector.geometry_id)
     bins = np.asarray(detector.seg_bins)
@@ -505,7 +481,7 @@ def test_pack_inputs_in_pieces_refuses_like_the_serial_path(pieces, detector, rn
         300, rng, channel_max=int(bins[pick].min()), modules=ids[pick], truth=lambda m: rng.integers(0, 99, m)
     )
     n = good["GEOMETRY_ID"].shape[0]
-    model.pack_inputs(good, detector, pool=pool, pieces=3)
+    model.pack_inputs(good, pool=pool, pieces=3)
     bounds = sorted(a for a, _ in ranges)
     assert len(bounds) == 3
     spots = sorted({0, 1, bounds[1] - 1, bounds[1], bounds[2], n - 1})
@@ -556,13 +532,15 @@ def test_pack_inputs_in_pieces_refuses_like_the_serial_path(pieces, detector, rn
             requests[f"duplicate at {k}"] = (duplicated(k), {})
     errors = 0
     for name, (tensors, kw) in requests.items():
-        serial = pack_outcome(tensors, detector, **kw)
+        serial = pack_outcome(tensors, **kw)
         errors += serial[0] == "error"
         for k in (2, 3):
-            assert pack_outcome(tensors, detector, pool=pool, pieces=k, **kw) == serial, (name, k)
-        if serial[0] == "packed":  # a valid request another way (unsorted, wide truth): the reader's bytes
-            assert_packed_like_pack_event(tensors, detector, "fp")
-    assert errors >= len(requests) - 3 * len(spots) - 2  # duplicates, reordering and truth -1 are valid
+            assert pack_outcome(tensors, pool=pool, pieces=k, **kw) == serial, (name, k)
+        if (
+            serial[0] == "packed"
+        ):  # valid for the gateway (unsorted, wide, left to the worker): the reader's bytes
+            assert_packed_like_pack_event(tensors, "fp")
+    assert errors == 2 + 2 * len(spots)  # too many cells, the event id, the negative channels
 
 
 def test_gateway_packs_a_lone_request_on_its_pack_threads(detector, monkeypatch, rng):
@@ -604,8 +582,7 @@ def test_scan_piece_gives_up_on_a_range_that_begins_inside_a_module(detector):
     tensors = sorted_tensors(40, np.random.default_rng(3), channel_max=5, modules=g0)
     n = tensors["GEOMETRY_ID"].shape[0]
     out = {"channel0": np.empty(n, "<u2"), "channel1": np.empty(n, "<u2"), "measurement_id": None}
-    tables = model._detector_tables(detector)
-    assert model._scan_piece(tensors, tables, out, 0, n).ok
+    assert model._scan_piece(tensors, out, 0, n).ok
     inside = int(np.flatnonzero(tensors["GEOMETRY_ID"] == g0[0])[-1])  # last cell of the first module
-    assert not model._scan_piece(tensors, tables, out, inside, n).ok
-    assert not model._scan_piece(tensors, tables, out, 1, inside).ok  # no module begins in it
+    assert not model._scan_piece(tensors, out, inside, n).ok
+    assert not model._scan_piece(tensors, out, 1, inside).ok  # no module begins in it

@@ -260,6 +260,14 @@ class Engine:
             time.sleep(self.config.simulate_compute_ms * 1e-3 * len(cells))
         for i, res in zip(good, results, strict=True):
             it = items[i]
+            if isinstance(res, DetectorMismatchError | EventFormatError):  # the chain refused the cells
+                code = (
+                    ErrorCode.DETECTOR_MISMATCH
+                    if isinstance(res, DetectorMismatchError)
+                    else ErrorCode.BAD_EVENT
+                )
+                out[i] = WorkFailed(it.job, it.epoch, code, str(res))
+                continue
             if isinstance(res, Exception):
                 log.warning("reconstruction of job %d failed: %r", it.job, res)
                 out[i] = WorkFailed(

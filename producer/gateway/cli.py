@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="metrics port (0: any free, -1: off)")
     p.add_argument("--model-name", default="trackfleet", help="the model's name (default %(default)s)")
     p.add_argument(
-        "--detector", type=Path, help="check cells against this detector and stamp its fingerprint"
+        "--detector",
+        type=Path,
+        help="stamp events with this detector's fingerprint (workers of another detector refuse them)",
     )
     p.add_argument("--max-request-mb", type=float, default=256.0, help="largest request [MiB]")
     p.add_argument(

@@ -1,10 +1,13 @@
 """The ``trackfleet`` model as KServe v2 sees it: tensor specification, metadata, config, conversions.
 
 Nothing here does I/O. The HTTP and gRPC front ends turn their wire forms into :class:`RawInput` objects,
-:func:`decode_inputs` checks them against :data:`INPUTS`, :func:`pack_inputs` checks the values and packs
-the event for the broker (sorted and merged exactly as ``trackfleet reconstruct`` reads a cells file;
-:func:`cells_from_inputs` gives the same event as :class:`~kernels.edm.cells.Cells`);
-:func:`outputs_from_tracks` maps the tracks a worker returned to :data:`OUTPUTS`.
+:func:`decode_inputs` checks them against :data:`INPUTS`, :func:`pack_inputs` checks what packing needs
+(cell count, channel signs, order, event id) and packs the event for the broker (sorted and merged exactly
+as ``trackfleet reconstruct`` reads a cells file; :func:`cells_from_inputs` gives the same event as
+:class:`~kernels.edm.cells.Cells`); :func:`outputs_from_tracks` maps the tracks a worker returned to
+:data:`OUTPUTS`. Whether the cells fit the detector and hold finite values is checked where the detector
+is, by the worker (the fleet then fails the event with ``detector_mismatch`` / ``bad_event``, which the
+gateway answers as INVALID_ARGUMENT).
 
 Inputs (``max_batch_size: 0``: one request is one event; ``-1`` marks a variable dimension)
 
@@ -331,13 +334,14 @@ def _largest(a: np.ndarray) -> tuple[int, bool]:
 
 
 def _check_values(tensors: Mapping[str, np.ndarray], max_cells: int) -> tuple[int, tuple[int, int]]:
-    """The checks on values every request gets.
+    """The checks on values every request gets (the worker checks the cells against its detector and for
+    finite values).
 
     Returns:
         The event id, and the largest CHANNEL0 and CHANNEL1 (0 when there are no cells).
 
     Raises:
-        InferError: too many cells, negative channels, non-finite values, an event id >= 2^63.
+        InferError: too many cells, negative channels, an event id >= 2^63.
     """
     n = int(tensors["GEOMETRY_ID"].shape[0])
     if n > max_cells:
@@ -349,10 +353,6 @@ def _check_values(tensors: Mapping[str, np.ndarray], max_cells: int) -> tuple[in
             largest[i], non_negative = _largest(c)
             if not non_negative:
                 raise InferError(f"input '{name}' holds a negative channel ({int(c.min())})")
-    for name in ("VALUE", "TIMESTAMP"):
-        v = tensors.get(name)
-        if v is not None and n and not bool(np.isfinite(v).all()):
-            raise InferError(f"input '{name}' holds values that are not finite")
     event_id = 0
     if "EVENT_ID" in tensors:
         event_id = int(tensors["EVENT_ID"].reshape(-1)[0])
@@ -361,19 +361,15 @@ def _check_values(tensors: Mapping[str, np.ndarray], max_cells: int) -> tuple[in
     return event_id, (largest[0], largest[1])
 
 
-def cells_from_inputs(
-    tensors: Mapping[str, np.ndarray], detector: Any = None, max_cells: int = MAX_CELLS
-) -> Cells:
+def cells_from_inputs(tensors: Mapping[str, np.ndarray], max_cells: int = MAX_CELLS) -> Cells:
     """The event's cells, sorted and merged as ``trackfleet reconstruct`` reads a cells file.
 
     Args:
         tensors: checked inputs (:func:`decode_inputs`).
-        detector: when given, geometry ids must be sensitive modules and channels inside their segmentation.
         max_cells: cells accepted in one request.
 
     Raises:
-        InferError: negative channels, non-finite values, too many cells, an event id >= 2^63, cells
-            that do not fit the detector.
+        InferError: negative channels, too many cells, an event id >= 2^63.
     """
     event_id, _ = _check_values(tensors, max_cells)
     g = tensors["GEOMETRY_ID"]
@@ -393,8 +389,6 @@ def cells_from_inputs(
     )
     if not _sorted_unique(cells.geometry_id, cells.channel1, cells.channel0):
         cells, _ = merge_duplicate_cells(cells)
-    if detector is not None and n:
-        _check_detector(detector, cells.geometry_id, cells.channel0, cells.channel1)
     return cells
 
 
@@ -424,27 +418,26 @@ _U32_MAX = 2**32 - 1
 
 def pack_inputs(
     tensors: Mapping[str, np.ndarray],
-    detector: Any = None,
     fingerprint: str = "",
     max_cells: int = MAX_CELLS,
     pool: Executor | None = None,
     pieces: int = 1,
 ) -> PackedRequest:
     """Check a request's values and pack its event: the same bytes as
-    ``pack_event(cells_from_inputs(tensors, detector, max_cells), fingerprint)``, in about half the time.
+    ``pack_event(cells_from_inputs(tensors, max_cells), fingerprint)``, in about half the time.
 
     Cells that come sorted and duplicate-free (perf_analyzer's data, a producer's events) with channels
     below 2^16 take :func:`_scan_cells`: every check and the packing in one sweep over each range of
     cells, optionally split into ``pieces`` ranges of whole modules scanned in parallel (numpy releases
     the GIL); VALUE / TIMESTAMP travel as views of the request. Anything that sweep does not accept (a bad
-    value, another order, duplicates, wider channels, a cell outside the detector) is checked and packed
-    again by :func:`_pack_checked`, which raises the error or takes the reader's path (sort and merge):
-    the sweep only decides how fast a request is packed, never what is accepted or which error it gets.
+    value, another order, duplicates, wider channels) is checked and packed again by
+    :func:`_pack_checked`, which raises the error or takes the reader's path (sort and merge): the sweep
+    only decides how fast a request is packed, never what is accepted or which error it gets.
 
     Args:
         tensors: checked inputs (:func:`decode_inputs`).
-        detector: when given, geometry ids must be sensitive modules and channels inside their segmentation.
-        fingerprint: the detector's fingerprint, stamped on the event ("" for none).
+        fingerprint: the detector's fingerprint, stamped on the event ("" for none): workers serving
+            another detector refuse the event.
         max_cells: cells accepted in one request.
         pool: runs all ranges but the first (which the calling thread scans); None: one range.
         pieces: ranges to split a large event into (each at least :data:`MIN_PIECE_CELLS` cells).
@@ -454,12 +447,12 @@ def pack_inputs(
     """
     n = int(tensors["GEOMETRY_ID"].shape[0])
     if 2 <= n <= max_cells:
-        cols = _scan_cells(tensors, detector, pool if pieces > 1 else None, pieces)
+        cols = _scan_cells(tensors, pool if pieces > 1 else None, pieces)
         if cols is not None:
             event_id = _event_id(tensors)
             if event_id <= MAX_EVENT_ID:
                 return _packed_request(event_id, n, fingerprint, cols)
-    return _pack_checked(tensors, detector, fingerprint, max_cells)
+    return _pack_checked(tensors, fingerprint, max_cells)
 
 
 def _event_id(tensors: Mapping[str, np.ndarray]) -> int:
@@ -478,14 +471,12 @@ def _packed_request(event_id: int, n: int, fingerprint: str, cols: Mapping[str, 
     return PackedRequest(event_id, n, msgpack.packb(header), tuple(cols.values()))
 
 
-def _pack_checked(
-    tensors: Mapping[str, np.ndarray], detector: Any, fingerprint: str, max_cells: int
-) -> PackedRequest:
+def _pack_checked(tensors: Mapping[str, np.ndarray], fingerprint: str, max_cells: int) -> PackedRequest:
     """:func:`pack_inputs` one check at a time: raises the first error, handles any order and width.
 
     Sorted, duplicate-free cells are packed in vectorized passes over each column, using the module
-    boundaries once for the order check, the run-length encoding and the detector check; any other
-    order takes :func:`cells_from_inputs` (sort and merge) and :func:`~kernels.edm.packed.pack_event`.
+    boundaries once for the order check and the run-length encoding; any other order takes
+    :func:`cells_from_inputs` (sort and merge) and :func:`~kernels.edm.packed.pack_event`.
     """
     event_id, largest = _check_values(tensors, max_cells)
     g = tensors["GEOMETRY_ID"]
@@ -493,13 +484,11 @@ def _pack_checked(
     c0, c1 = tensors["CHANNEL0"], tensors["CHANNEL1"]
     sorted_run = _sorted_runs(g, c0, c1, largest) if n >= 2 else None
     if sorted_run is None:  # unsorted, duplicates, or too small to matter: the reader's own path
-        cells = cells_from_inputs(tensors, detector, max_cells)
+        cells = cells_from_inputs(tensors, max_cells)
         header, buffers = pack_event(cells, fingerprint)
         return PackedRequest(cells.event_id, cells.size, header, tuple(buffers))
     starts, ch0, ch1 = sorted_run
     module_ids = g[starts]
-    if detector is not None:  # on the narrowed channels (the same values): half the bytes to read
-        _check_detector_sorted(detector, g, ch0, ch1, starts, module_ids)
     counts = np.empty(starts.shape[0], "<u4")
     np.subtract(np.r_[starts[1:], n], starts, out=counts, casting="unsafe")
     ts = tensors.get("TIMESTAMP")
@@ -535,35 +524,6 @@ _SCAN_DTYPES = {
 }
 
 
-@dataclass(frozen=True)
-class _DetectorTables:
-    """A detector's module ids and bins as contiguous columns (one lookup and two gathers per request)."""
-
-    detector: Any
-    ids: np.ndarray
-    bins0: np.ndarray
-    bins1: np.ndarray
-
-
-_TABLES: dict[int, _DetectorTables] = {}
-
-
-def _detector_tables(detector: Any) -> _DetectorTables:
-    tables = _TABLES.get(id(detector))
-    if tables is None or tables.detector is not detector:
-        bins = np.asarray(detector.seg_bins)
-        tables = _DetectorTables(
-            detector,
-            np.ascontiguousarray(detector.geometry_id, np.uint64),
-            np.ascontiguousarray(bins[:, 0], np.int64),
-            np.ascontiguousarray(bins[:, 1], np.int64),
-        )
-        if len(_TABLES) >= 8:  # a few detectors per process at most (tests); never grow without bound
-            _TABLES.clear()
-        _TABLES[id(detector)] = tables
-    return tables
-
-
 @dataclass
 class _Piece:
     """What scanning one range of cells found (:func:`_scan_piece`); ``ok`` False: the sweep gives up."""
@@ -574,11 +534,11 @@ class _Piece:
 
 
 def _scan_cells(
-    tensors: Mapping[str, np.ndarray], detector: Any, pool: Executor | None, pieces: int
+    tensors: Mapping[str, np.ndarray], pool: Executor | None, pieces: int
 ) -> dict[str, np.ndarray] | None:
-    """The packed columns of a request whose cells all pass every check of :func:`_check_values` and
-    the detector, are strictly increasing in (geometry_id, channel1, channel0) and have channels below
-    2^16 (the common case); None for any other request (:func:`_pack_checked` then decides).
+    """The packed columns of a request whose cells all pass every check of :func:`_check_values`, are
+    strictly increasing in (geometry_id, channel1, channel0) and have channels below 2^16 (the common
+    case); None for any other request (:func:`_pack_checked` then decides).
 
     The cells are split into ranges that begin at a module's first cell; each range is checked and
     packed by :func:`_scan_piece` (the calling thread takes the first, ``pool`` the others), every
@@ -597,7 +557,6 @@ def _scan_cells(
         "channel1": np.empty(n, "<u2"),
         "measurement_id": np.empty(n, "<u4") if truth is not None else None,
     }
-    tables = _detector_tables(detector) if detector is not None else None
     k = max(1, min(pieces, n // MIN_PIECE_CELLS)) if pool is not None else 1
     # range boundaries at the first cell of a module, that of the cell at i/k of the event or of the next
     # module (when the ids are sorted; if they are not, the checks fail whatever the boundaries are)
@@ -608,8 +567,8 @@ def _scan_cells(
         bounds.append(max(bounds[-1], a if a > bounds[-1] else int(np.searchsorted(g, module, "right"))))
     bounds.append(n)
     ranges = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
-    later = [_submit(pool, tensors, tables, out, a, b) for a, b in ranges[1:]] if pool else []
-    found = [_scan_piece(tensors, tables, out, *ranges[0]), *(f.result() for f in later)]
+    later = [_submit(pool, tensors, out, a, b) for a, b in ranges[1:]] if pool else []
+    found = [_scan_piece(tensors, out, *ranges[0]), *(f.result() for f in later)]
     if not all(p.ok for p in found):
         return None
     starts = np.concatenate([p.starts for p in found]) if len(found) > 1 else found[0].starts
@@ -645,18 +604,13 @@ def _submit(pool: Executor, *args: Any) -> Future[_Piece]:
 
 
 def _scan_piece(
-    tensors: Mapping[str, np.ndarray],
-    tables: _DetectorTables | None,
-    out: Mapping[str, np.ndarray | None],
-    a: int,
-    b: int,
+    tensors: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray | None], a: int, b: int
 ) -> _Piece:
     """Check cells ``a:b`` and write their packed channels (and truth ids where they fit 32 bits) into
     ``out``: every check of the one-sweep path, each array read as few times as numpy allows.
 
     Channels are read as uint32 (a negative one is then above 2^31); below 2^16, ``channel1 << 16 |
-    channel0`` rises strictly within a module exactly when the cells do. The largest channel0 of each
-    module and the channel1 of its last cell (the largest, in this order) are checked against its bins.
+    channel0`` rises strictly within a module exactly when the cells do.
     """
     g = tensors["GEOMETRY_ID"]
     lo = max(a - 1, 0)  # the cell before the range: its order with the range's first cell
@@ -664,10 +618,6 @@ def _scan_piece(
     c1 = tensors["CHANNEL1"][lo:b].view("<u4")
     if int(c0.max()) > _U16_MAX or int(c1.max()) > _U16_MAX:
         return _Piece(False)
-    for name in ("VALUE", "TIMESTAMP"):
-        v = tensors.get(name)
-        if v is not None and not bool(np.isfinite(v[a:b]).all()):
-            return _Piece(False)
     gs = g[lo:b]
     new_module = gs[1:] != gs[:-1]
     key = np.left_shift(c1, _SHIFT16)
@@ -684,19 +634,6 @@ def _scan_piece(
     ch0, ch1 = out["channel0"][a:b], out["channel1"][a:b]  # type: ignore[index]
     np.copyto(ch0, c0[a - lo :], casting="unsafe")
     np.copyto(ch1, c1[a - lo :], casting="unsafe")
-    if tables is not None:
-        module_ids = g[starts]
-        pos = np.searchsorted(tables.ids, module_ids)
-        np.minimum(pos, tables.ids.shape[0] - 1, out=pos)
-        outside = tables.ids.take(pos) != module_ids
-        local = starts - a
-        outside |= np.maximum.reduceat(ch0, local) >= tables.bins0.take(pos)
-        last = np.empty_like(local)
-        last[:-1] = local[1:] - 1
-        last[-1] = b - a - 1
-        outside |= ch1.take(last) >= tables.bins1.take(pos)
-        if bool(outside.any()):
-            return _Piece(False)
     truth = tensors.get("TRUTH_ID")
     fits = True
     if truth is not None:
@@ -753,40 +690,6 @@ def _channel_key(c0: np.ndarray, c1: np.ndarray, shift: int) -> np.ndarray:
     np.left_shift(key64, np.uint64(shift), out=key64)
     key64 |= c0.astype(np.uint64)
     return key64
-
-
-def _check_detector_sorted(
-    detector: Any, g: np.ndarray, c0: np.ndarray, c1: np.ndarray, starts: np.ndarray, module_ids: np.ndarray
-) -> None:
-    """:func:`_check_detector` for sorted cells: one bound check per module (its largest channels)."""
-    module = np.asarray(detector.module_index(np, module_ids))
-    bins = np.asarray(detector.seg_bins)[np.maximum(module, 0)]
-    ends = np.r_[starts[1:], g.shape[0]] - 1
-    # within a module cells rise in channel1 first: its last cell holds the largest channel1
-    too_far = (module < 0) | (np.maximum.reduceat(c0, starts) >= bins[:, 0]) | (c1[ends] >= bins[:, 1])
-    if bool(too_far.any()):
-        _check_detector(detector, g, c0, c1)  # finds the first offending cell and says which
-
-
-def _check_detector(detector: Any, g: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> None:
-    """Cells (grouped by module) on sensitive modules, channels inside their segmentation."""
-    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # one lookup per module, not per cell
-    module = np.asarray(detector.module_index(np, g[starts]))
-    unknown = np.flatnonzero(module < 0)
-    if unknown.size:
-        raise InferError(
-            f"GEOMETRY_ID {int(g[starts[unknown[0]]])} is not a sensitive module of the detector "
-            f"({unknown.size} such modules)"
-        )
-    bins = np.repeat(np.asarray(detector.seg_bins)[module], np.diff(np.r_[starts, g.shape[0]]), axis=0)
-    for axis, (name, c) in enumerate((("CHANNEL0", c0), ("CHANNEL1", c1))):
-        out = np.flatnonzero(c >= bins[:, axis])
-        if out.size:
-            k = int(out[0])
-            raise InferError(
-                f"input '{name}': channel {int(c[k])} outside the module's {int(bins[k, axis])} bins "
-                f"(GEOMETRY_ID {int(g[k])})"
-            )
 
 
 # --- responses --------------------------------------------------------------------------------------

@@ -66,8 +66,9 @@ class GatewayConfig:
     Attributes:
         broker: the broker's producer endpoint.
         model_name: the model's name.
-        detector: detector directory: cells are checked against it and events stamped with its
-            fingerprint, so workers serving another detector refuse them (None: no check).
+        detector: detector directory: events are stamped with its fingerprint, so that workers serving
+            another detector refuse them (None: not stamped). Whether cells fit the detector is checked
+            by the workers in either case.
         max_request_bytes: largest request body / gRPC message [bytes].
         max_cells: cells accepted in one request.
         request_timeout_s: a request still unanswered after this long fails with DEADLINE_EXCEEDED [s].
@@ -130,13 +131,11 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, context: zmq.Context[Any] | None = None) -> None:
         self.config = config
-        self.detector: Any = None
         self.fingerprint = ""
         if config.detector is not None:
             from producer.io.detector import load_detector
 
-            self.detector = load_detector(config.detector)
-            self.fingerprint = self.detector.fingerprint()
+            self.fingerprint = load_detector(config.detector).fingerprint()
         client = replace(config.client, endpoint=config.broker, deadline_s=config.request_timeout_s)
         self.bridge = BrokerBridge(BridgeConfig(client=client, max_in_flight=config.max_in_flight), context)
         self.stats = ModelStats(config.model_name, MODEL_VERSION)
@@ -295,7 +294,6 @@ class Gateway:
         try:
             return pack_inputs(
                 tensors,
-                self.detector,
                 self.fingerprint,
                 self.config.max_cells,
                 pool=self._pack_pool if alone else None,
