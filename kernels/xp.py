@@ -6,10 +6,11 @@ imports it (style guide patterns 4 and 6).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -68,6 +69,39 @@ def _configure_allocator(cupy: ModuleType, n_devices: int) -> None:
         rt.memPoolSetAttribute(rt.deviceGetDefaultMemPool(device), release_threshold, 2**64 - 1)
     cupy.cuda.set_allocator(cupy.cuda.MemoryAsyncPool("default").malloc)
     _ALLOCATOR_SET.append(choice)
+
+
+def set_pool_limit(xp: ModuleType, limit_bytes: int) -> None:
+    """Bound CuPy's memory pool on the current device to ``limit_bytes`` in use and cached [bytes]
+    (0: no bound; numpy: nothing to do).
+
+    The pool keeps every freed block for reuse, one per size it was asked for, so a process serving
+    batches of varying sizes ends up holding far more than any batch uses. At the limit CuPy returns
+    its cached blocks to the driver and tries again; an allocation that would pass the limit even
+    then raises ``cupy.cuda.memory.OutOfMemoryError`` (a ``MemoryError``): run that work again inside
+    :func:`pool_limit_lifted`.
+    """
+    if xp is not np:
+        xp.get_default_memory_pool().set_limit(size=limit_bytes)
+
+
+@contextlib.contextmanager
+def pool_limit_lifted(xp: ModuleType) -> Iterator[None]:
+    """CuPy's pool on the current device without its limit for the block (work that needs more than
+    the limit still runs), its cache released before and after: the limit is back afterwards, and
+    what the block left cached past it is handed back at once rather than at the next growth."""
+    if xp is np:
+        yield
+        return
+    pool = xp.get_default_memory_pool()
+    limit = pool.get_limit()
+    pool.free_all_blocks()  # CuPy versions that raise at the limit without releasing the cache
+    pool.set_limit(size=0)
+    try:
+        yield
+    finally:
+        pool.set_limit(size=limit)
+        pool.free_all_blocks()
 
 
 def cupy_available() -> bool:

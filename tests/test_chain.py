@@ -143,6 +143,34 @@ def test_cuda_allocator_choice(monkeypatch):
         xp_module._configure_allocator(fake, 2)
 
 
+def test_the_gpu_pool_limit_bounds_the_pool_and_can_be_lifted(xp):
+    from kernels.xp import pool_limit_lifted, set_pool_limit
+
+    if xp is np:  # nothing to bound on the host
+        set_pool_limit(np, 2**20)
+        with pool_limit_lifted(np):
+            return
+    pool = xp.get_default_memory_pool()
+    before = pool.get_limit()
+    try:
+        held = xp.ones(8 * 2**20, xp.uint8)
+        limit = pool.used_bytes() + 2**20
+        set_pool_limit(xp, limit)
+        with pytest.raises(MemoryError):
+            xp.zeros(16 * 2**20, xp.uint8)
+        with pool_limit_lifted(xp):
+            big = xp.zeros(16 * 2**20, xp.uint8)
+            xp.ones(32 * 2**20, xp.uint8).sum()  # a temporary: cached past the limit, released after
+            assert int(big.sum()) == 0 and int(held.sum()) == 8 * 2**20
+        # the temporary's 32 MiB went back to the driver, not into the cache; with 24 MiB in use, past
+        # the limit again, the next allocation raises
+        assert pool.get_limit() == limit and pool.total_bytes() < pool.used_bytes() + 32 * 2**20
+        with pytest.raises(MemoryError):
+            xp.zeros(1, xp.uint8)
+    finally:
+        pool.set_limit(size=before)
+
+
 def test_device_constant_is_made_once_per_key(monkeypatch):
     from kernels import xp as xp_module
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -166,6 +167,53 @@ def test_cells_the_chain_refuses_fail_with_the_codes_of_bad_input(engine):
     assert isinstance(out[20], WorkResult)
     assert out[21].code == ErrorCode.DETECTOR_MISMATCH and out[21].message.startswith("event 21: cell")
     assert out[22].code == ErrorCode.BAD_EVENT and "not finite" in out[22].message
+
+
+class FakePool:
+    """CuPy's default memory pool as the worker's limit handling sees it."""
+
+    def __init__(self) -> None:
+        self.limit = 0
+        self.freed = 0
+        self.limits: list[int] = []
+
+    def set_limit(self, size: int) -> None:
+        self.limit = size
+        self.limits.append(size)
+
+    def get_limit(self) -> int:
+        return self.limit
+
+    def free_all_blocks(self) -> None:
+        self.freed += 1
+
+
+def test_a_batch_past_the_gpu_pool_limit_runs_again_without_it(engine, monkeypatch):
+    import worker.compute
+    from kernels.xp import pool_limit_lifted, set_pool_limit
+
+    pool = FakePool()
+    fake_xp = types.SimpleNamespace(get_default_memory_pool=lambda: pool)  # the events stay on numpy
+    monkeypatch.setattr(worker.compute, "pool_limit_lifted", lambda _xp: pool_limit_lifted(fake_xp))
+    set_pool_limit(fake_xp, engine.config.gpu_pool_limit_mb * 2**20)
+    assert pool.limit == 1152 * 2**20
+    chain_batch = engine.chain.reconstruct_batch
+
+    def needs_more(events):  # the pool at its limit raises cupy's OutOfMemoryError, a MemoryError
+        if pool.limit:
+            raise MemoryError("Out of memory allocating 1,000,000,000 bytes (limit set to ...)")
+        return chain_batch(events)
+
+    monkeypatch.setattr(engine.chain, "reconstruct_batch", needs_more)
+    out = {m.job: m for m in engine.process([item(j, packed(small_cells(j))) for j in (31, 32)])}
+    assert all(isinstance(out[j], WorkResult) for j in (31, 32))
+    assert engine.over_pool_limit == 1 and pool.freed == 2  # before and after
+    assert pool.limits == [1152 * 2**20, 0, 1152 * 2**20]  # lifted for that batch only
+    # without a limit a MemoryError is a real shortage: the events fail (alone), the worker goes on
+    engine.config = replace(engine.config, gpu_pool_limit_mb=0)
+    pool.limit = 1
+    out = {m.job: m for m in engine.process([item(33, packed(small_cells(33)))])}
+    assert out[33].code == ErrorCode.RECONSTRUCTION_FAILED and "MemoryError" in out[33].message
 
 
 def test_preload_mode_reconstructs_the_preloaded_event_under_the_requested_id(engine):

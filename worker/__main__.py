@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (cupy: events beside the detector; numpy: synthetic), synthetic, none, or an event path",
     )
     p.add_argument("--no-warmup", action="store_true", help="same as --warmup none")
+    p.add_argument(
+        "--gpu-pool-limit-mb",
+        type=int,
+        default=d.gpu_pool_limit_mb,
+        help="cupy: CuPy's pool (in use + cached) above which it releases its cache before growing; "
+        "a batch needing more runs once without it [MiB] (0: none; default %(default)s)",
+    )
     p.add_argument("--name", default=None, help="worker name (default host-pid)")
     p.add_argument("--curve-secret", type=Path, help="this worker's CURVE secret key file")
     p.add_argument("--curve-server-key", type=Path, help="the broker's CURVE public key file")
@@ -103,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         shutdown_timeout_s=args.shutdown_timeout_s,
         simulate_compute_ms=args.simulate_compute_ms,
         warmup="none" if args.no_warmup else args.warmup,
+        gpu_pool_limit_mb=args.gpu_pool_limit_mb,
         name=args.name or default_name(),
         keys=client_keys(args.curve_secret, args.curve_server_key),
     )

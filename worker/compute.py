@@ -34,7 +34,7 @@ from kernels.edm.packed_tracks import pack_tracks
 from kernels.edm.tracks import Tracks
 from kernels.errors import DetectorMismatchError, EventFormatError
 from kernels.pipeline import Chain, ChainConfig
-from kernels.xp import get_namespace
+from kernels.xp import get_namespace, pool_limit_lifted, set_pool_limit
 from worker.config import WorkerConfig
 from worker.inbox import Inbox, JobItem
 from worker.observer import WorkerObservers
@@ -121,6 +121,7 @@ class Engine:
         self.stream: Any = None
         self.preloaded: Cells | None = None
         self.info: dict[str, Any] = {}
+        self.over_pool_limit = 0  # batches that ran without the GPU pool's limit
 
     def initialize(self) -> dict[str, Any]:
         """Select the device, load the detector, build and warm up the chain.
@@ -135,6 +136,7 @@ class Engine:
         t0 = self.clock()
         xp = get_namespace(cfg.backend)
         self.stream = select_device(xp, cfg.device)
+        set_pool_limit(xp, cfg.gpu_pool_limit_mb * 2**20)
         loader = self._load_detector
         if loader is None:
             from producer.io.detector import load_detector
@@ -169,6 +171,7 @@ class Engine:
             "fingerprint": self.chain.fingerprint,
             "batch_max": cfg.batch_max,
             "batch_wait_us": cfg.batch_wait_us,
+            "gpu_pool_limit_mb": cfg.gpu_pool_limit_mb if cfg.backend == "cupy" else None,
             "preload": self.preloaded is not None,
             "init_s": round(t_init, 4),
             "warmup_s": round(t_warm, 4),
@@ -222,10 +225,8 @@ class Engine:
         return ev.to_cells(self.xp)
 
     def _reconstruct(self, cells: list[Cells]) -> list[tuple[Tracks, dict[str, float]] | Exception]:
-        if self.chain is None:
-            raise RuntimeError("engine is not initialized")
         try:
-            return list(self.chain.reconstruct_batch(cells))
+            return self._within_memory(cells)
         except Exception as exc:
             if len(cells) == 1:
                 return [exc]
@@ -233,10 +234,32 @@ class Engine:
         out: list[tuple[Tracks, dict[str, float]] | Exception] = []
         for c in cells:
             try:
-                out.append(self.chain.reconstruct(c))
+                out.append(self._within_memory([c])[0])
             except Exception as exc:
                 out.append(exc)
         return out
+
+    def _within_memory(self, cells: list[Cells]) -> list[tuple[Tracks, dict[str, float]]]:
+        """The chain on a batch; one that needs more device memory than the pool's limit runs again
+        without it (the limit bounds what the pool caches, never which events are served)."""
+        if self.chain is None or self.xp is None:
+            raise RuntimeError("engine is not initialized")
+        try:
+            return list(self.chain.reconstruct_batch(cells))
+        except MemoryError:
+            if self.config.gpu_pool_limit_mb == 0:
+                raise
+        self.over_pool_limit += 1
+        if self.over_pool_limit & (self.over_pool_limit - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time
+            log.info(
+                "a batch of %d events needed more than the %d MiB GPU pool limit (%d batches so far); "
+                "running it without the limit",
+                len(cells),
+                self.config.gpu_pool_limit_mb,
+                self.over_pool_limit,
+            )
+        with pool_limit_lifted(self.xp):
+            return list(self.chain.reconstruct_batch(cells))
 
     def process(self, items: Sequence[JobItem]) -> list[WorkerMessage]:
         """Reconstruct a batch; one RESULT or FAILED message per item, in order."""
