@@ -143,15 +143,18 @@ def test_cuda_allocator_choice(monkeypatch):
         xp_module._configure_allocator(fake, 2)
 
 
-def test_the_gpu_pool_limit_bounds_the_pool_and_can_be_lifted(xp):
+def test_the_gpu_pool_limit_bounds_the_pool_and_can_be_lifted(xp, monkeypatch):
     from kernels.xp import pool_limit_lifted, set_pool_limit
 
     if xp is np:  # nothing to bound on the host
         set_pool_limit(np, 2**20)
         with pool_limit_lifted(np):
             return
-    pool = xp.get_default_memory_pool()
-    before = pool.get_limit()
+    # a pool of its own: blocks other tests left cached or split in the default pool could serve these
+    pool = xp.cuda.MemoryPool()
+    monkeypatch.setattr(xp, "get_default_memory_pool", lambda: pool)
+    allocator = xp.cuda.get_allocator()
+    xp.cuda.set_allocator(pool.malloc)
     try:
         held = xp.ones(8 * 2**20, xp.uint8)
         limit = pool.used_bytes() + 2**20
@@ -167,8 +170,10 @@ def test_the_gpu_pool_limit_bounds_the_pool_and_can_be_lifted(xp):
         assert pool.get_limit() == limit and pool.total_bytes() < pool.used_bytes() + 32 * 2**20
         with pytest.raises(MemoryError):
             xp.zeros(1, xp.uint8)
+        del held, big
     finally:
-        pool.set_limit(size=before)
+        xp.cuda.set_allocator(allocator)
+        pool.free_all_blocks()
 
 
 def test_device_constant_is_made_once_per_key(monkeypatch):
