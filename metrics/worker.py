@@ -133,6 +133,12 @@ class WorkerMetrics(WorkerObserver):
             w,
             registry=r,
         )
+        self.pool_over_limit = Counter(
+            "trackfleet_worker_gpu_pool_over_limit",
+            "Batches that needed more device memory than the GPU pool's limit and ran again without it.",
+            w,
+            registry=r,
+        )
         self.info = Info("trackfleet_worker", "What the worker runs on.", w, registry=r)
         self._busy = _BusyClock(worker, clock)
         r.register(self._busy)
@@ -143,6 +149,7 @@ class WorkerMetrics(WorkerObserver):
         for metric in (self.batches, self.received_bytes, self.registrations, self.broker_lost):
             metric.labels(worker)
         self.disconnects.labels(worker)
+        self.pool_over_limit.labels(worker)
         self.batch_size.labels(worker)
 
     # --- hooks ----------------------------------------------------------------------------------------
@@ -173,6 +180,9 @@ class WorkerMetrics(WorkerObserver):
 
     def on_broker_lost(self, silent_s: float) -> None:
         self.broker_lost.labels(self.worker).inc()
+
+    def on_gpu_pool_over_limit(self, n_events: int) -> None:
+        self.pool_over_limit.labels(self.worker).inc()
 
     def on_disconnected(self, reason: str) -> None:
         self.disconnects.labels(self.worker).inc()

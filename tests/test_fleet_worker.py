@@ -216,6 +216,42 @@ def test_a_batch_past_the_gpu_pool_limit_runs_again_without_it(engine, monkeypat
     assert out[33].code == ErrorCode.RECONSTRUCTION_FAILED and "MemoryError" in out[33].message
 
 
+def test_the_compute_thread_reports_a_batch_past_the_gpu_pool_limit(engine, monkeypatch):
+    import zmq
+
+    import worker.compute
+    from kernels.xp import pool_limit_lifted
+    from worker.compute import ComputeThread
+    from worker.observer import WorkerObserver, WorkerObservers
+
+    pool = FakePool()
+    fake_xp = types.SimpleNamespace(get_default_memory_pool=lambda: pool)
+    monkeypatch.setattr(worker.compute, "pool_limit_lifted", lambda _xp: pool_limit_lifted(fake_xp))
+    pool.limit = 1
+    chain_batch = engine.chain.reconstruct_batch
+
+    def needs_more(events):
+        if pool.limit:
+            raise MemoryError("limit")
+        return chain_batch(events)
+
+    monkeypatch.setattr(engine.chain, "reconstruct_batch", needs_more)
+    seen: list[int] = []
+
+    class Recorder(WorkerObserver):
+        def on_gpu_pool_over_limit(self, n_events: int) -> None:
+            seen.append(n_events)
+
+    sent: list[list] = []
+    out = types.SimpleNamespace(send_multipart=lambda frames, copy=True: sent.append(frames))
+    ctx = zmq.Context.instance()
+    thread = ComputeThread(engine, Inbox(), ctx, "inproc://unused", WorkerObservers([Recorder()]))
+    thread._run_batch(out, [item(j, packed(small_cells(j))) for j in (41, 42)])
+    assert seen == [2] and len(sent) == 3  # STARTED, then one DONE per event
+    thread._run_batch(out, [item(43, packed(small_cells(43)))])
+    assert seen == [2, 1]
+
+
 def test_preload_mode_reconstructs_the_preloaded_event_under_the_requested_id(engine):
     engine.preloaded = small_cells(99, n=30)
     (res,) = engine.process([item(1, packed(small_cells(7, n=80)))])

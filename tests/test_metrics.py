@@ -225,6 +225,10 @@ def test_worker_metrics_busy_time_batches_and_labels():
     assert failures[(("reason", "reconstruction_failed"), ("worker", "host-gpu0-3"))] == 1
     (info,) = sample_values(reg, "trackfleet_worker_info")
     assert dict(info)["backend"] == "cupy" and dict(info)["device"] == "0"
+    over = "trackfleet_worker_gpu_pool_over_limit_total"
+    assert sample_values(reg, over)[(("worker", "host-gpu0-3"),)] == 0  # exported before the first
+    m.on_gpu_pool_over_limit(8)
+    assert sample_values(reg, over)[(("worker", "host-gpu0-3"),)] == 1
     # no series is labelled by pid: a restarted process under the same name continues the same series
     for family in reg.collect():
         for s in family.samples:

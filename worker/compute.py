@@ -374,11 +374,14 @@ class ComputeThread(threading.Thread):
             self.observers.emit(
                 "on_batch", len(batch), self.engine.clock() - min(it.received_at for it in batch)
             )
+        over_limit = self.engine.over_pool_limit
         try:
             messages = self.engine.process(batch)
         except Exception as exc:  # a bug outside the per-event guards: fail the batch, keep serving
             log.exception("batch of %d events failed", len(batch))
             messages = [WorkFailed(it.job, it.epoch, ErrorCode.INTERNAL, repr(exc)) for it in batch]
+        if self.observers and self.engine.over_pool_limit > over_limit:
+            self.observers.emit("on_gpu_pool_over_limit", len(batch))
         for m in messages:
             job = m.job if isinstance(m, WorkResult | WorkFailed) else -1
             out.send_multipart([DONE, msgpack.packb(job), *encode(m)], copy=False)

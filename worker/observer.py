@@ -35,6 +35,10 @@ class WorkerObserver:
     def on_job_failed(self, job: int, code: str) -> None:
         """A job failed with an :class:`~broker.protocol.ErrorCode`."""
 
+    def on_gpu_pool_over_limit(self, n_events: int) -> None:
+        """A batch of ``n_events`` needed more device memory than the GPU pool's limit and ran again
+        without it (:attr:`~worker.config.WorkerConfig.gpu_pool_limit_mb`)."""
+
     def on_broker_lost(self, silent_s: float) -> None:
         """The broker was silent too long; the worker reconnects."""
 
