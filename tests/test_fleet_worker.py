@@ -194,6 +194,7 @@ def test_a_batch_past_the_gpu_pool_limit_runs_again_without_it(engine, monkeypat
 
     pool = FakePool()
     fake_xp = types.SimpleNamespace(get_default_memory_pool=lambda: pool)  # the events stay on numpy
+    engine.config = replace(engine.config, backend="cupy")  # the limit is the GPU pool's
     monkeypatch.setattr(worker.compute, "pool_limit_lifted", lambda _xp: pool_limit_lifted(fake_xp))
     set_pool_limit(fake_xp, engine.config.gpu_pool_limit_mb * 2**20)
     assert pool.limit == 1152 * 2**20
@@ -209,11 +210,14 @@ def test_a_batch_past_the_gpu_pool_limit_runs_again_without_it(engine, monkeypat
     assert all(isinstance(out[j], WorkResult) for j in (31, 32))
     assert engine.over_pool_limit == 1 and pool.freed == 2  # before and after
     assert pool.limits == [1152 * 2**20, 0, 1152 * 2**20]  # lifted for that batch only
-    # without a limit a MemoryError is a real shortage: the events fail (alone), the worker goes on
-    engine.config = replace(engine.config, gpu_pool_limit_mb=0)
-    pool.limit = 1
-    out = {m.job: m for m in engine.process([item(33, packed(small_cells(33)))])}
-    assert out[33].code == ErrorCode.RECONSTRUCTION_FAILED and "MemoryError" in out[33].message
+    # without a limit (or on the host) a MemoryError is a real shortage: the events fail (alone), the
+    # worker goes on
+    for config in (replace(engine.config, gpu_pool_limit_mb=0), replace(engine.config, backend="numpy")):
+        engine.config = config
+        pool.limit = 1
+        out = {m.job: m for m in engine.process([item(33, packed(small_cells(33)))])}
+        assert out[33].code == ErrorCode.RECONSTRUCTION_FAILED and "MemoryError" in out[33].message
+    assert engine.over_pool_limit == 1
 
 
 def test_the_compute_thread_reports_a_batch_past_the_gpu_pool_limit(engine, monkeypatch):
@@ -227,6 +231,7 @@ def test_the_compute_thread_reports_a_batch_past_the_gpu_pool_limit(engine, monk
     pool = FakePool()
     fake_xp = types.SimpleNamespace(get_default_memory_pool=lambda: pool)
     monkeypatch.setattr(worker.compute, "pool_limit_lifted", lambda _xp: pool_limit_lifted(fake_xp))
+    engine.config = replace(engine.config, backend="cupy")
     pool.limit = 1
     chain_batch = engine.chain.reconstruct_batch
 

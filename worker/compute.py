@@ -225,6 +225,8 @@ class Engine:
         return ev.to_cells(self.xp)
 
     def _reconstruct(self, cells: list[Cells]) -> list[tuple[Tracks, dict[str, float]] | Exception]:
+        if self.chain is None or self.xp is None:
+            raise RuntimeError("engine is not initialized")
         try:
             return self._within_memory(cells)
         except Exception as exc:
@@ -242,13 +244,12 @@ class Engine:
     def _within_memory(self, cells: list[Cells]) -> list[tuple[Tracks, dict[str, float]]]:
         """The chain on a batch; one that needs more device memory than the pool's limit runs again
         without it (the limit bounds what the pool caches, never which events are served)."""
-        if self.chain is None or self.xp is None:
-            raise RuntimeError("engine is not initialized")
+        assert self.chain is not None and self.xp is not None
         try:
             return list(self.chain.reconstruct_batch(cells))
         except MemoryError:
-            if self.config.gpu_pool_limit_mb == 0:
-                raise
+            if self.config.gpu_pool_limit_mb == 0 or self.config.backend != "cupy":
+                raise  # a real shortage: no limit of ours to lift
         self.over_pool_limit += 1
         if self.over_pool_limit & (self.over_pool_limit - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time
             log.info(
