@@ -86,20 +86,27 @@ def set_pool_limit(xp: ModuleType, limit_bytes: int) -> None:
 
 
 @contextlib.contextmanager
-def pool_limit_lifted(xp: ModuleType) -> Iterator[None]:
+def pool_limit_lifted(xp: ModuleType) -> Iterator[dict[str, int]]:
     """CuPy's pool on the current device without its limit for the block (work that needs more than
     the limit still runs), its cache released before and after: the limit is back afterwards, and
-    what the block left cached past it is handed back at once rather than at the next growth."""
+    what the block left cached past it is handed back at once rather than at the next growth.
+
+    Yields:
+        A dict whose ``high_water`` is, after the block, the most the pool held during it [bytes]
+        (without a limit the pool only grows within the block; 0 on numpy).
+    """
+    seen = {"high_water": 0}
     if xp is np:
-        yield
+        yield seen
         return
     pool = xp.get_default_memory_pool()
     limit = pool.get_limit()
     pool.free_all_blocks()  # CuPy versions that raise at the limit without releasing the cache
     pool.set_limit(size=0)
     try:
-        yield
+        yield seen
     finally:
+        seen["high_water"] = int(pool.total_bytes())
         pool.set_limit(size=limit)
         pool.free_all_blocks()
 

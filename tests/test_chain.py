@@ -148,8 +148,10 @@ def test_the_gpu_pool_limit_bounds_the_pool_and_can_be_lifted(xp, monkeypatch):
 
     if xp is np:  # nothing to bound on the host
         set_pool_limit(np, 2**20)
-        with pool_limit_lifted(np):
-            return
+        with pool_limit_lifted(np) as seen:
+            pass
+        assert seen == {"high_water": 0}
+        return
     # a pool of its own: blocks other tests left cached or split in the default pool could serve these
     pool = xp.cuda.MemoryPool()
     monkeypatch.setattr(xp, "get_default_memory_pool", lambda: pool)
@@ -161,10 +163,11 @@ def test_the_gpu_pool_limit_bounds_the_pool_and_can_be_lifted(xp, monkeypatch):
         set_pool_limit(xp, limit)
         with pytest.raises(MemoryError):
             xp.zeros(16 * 2**20, xp.uint8)
-        with pool_limit_lifted(xp):
+        with pool_limit_lifted(xp) as seen:
             big = xp.zeros(16 * 2**20, xp.uint8)
             xp.ones(32 * 2**20, xp.uint8).sum()  # a temporary: cached past the limit, released after
             assert int(big.sum()) == 0 and int(held.sum()) == 8 * 2**20
+        assert seen["high_water"] >= (8 + 16 + 32) * 2**20  # the most the pool held inside
         # the temporary's 32 MiB went back to the driver, not into the cache; with 24 MiB in use, past
         # the limit again, the next allocation raises
         assert pool.get_limit() == limit and pool.total_bytes() < pool.used_bytes() + 32 * 2**20

@@ -176,6 +176,10 @@ class FakePool:
         self.limit = 0
         self.freed = 0
         self.limits: list[int] = []
+        self.held = 1500 * 2**20  # what a batch past the limit made the pool hold
+
+    def total_bytes(self) -> int:
+        return self.held
 
     def set_limit(self, size: int) -> None:
         self.limit = size
@@ -196,7 +200,8 @@ def test_a_batch_past_the_gpu_pool_limit_runs_again_without_it(engine, monkeypat
     fake_xp = types.SimpleNamespace(get_default_memory_pool=lambda: pool)  # the events stay on numpy
     engine.config = replace(engine.config, backend="cupy")  # the limit is the GPU pool's
     monkeypatch.setattr(worker.compute, "pool_limit_lifted", lambda _xp: pool_limit_lifted(fake_xp))
-    set_pool_limit(fake_xp, engine.config.gpu_pool_limit_mb * 2**20)
+    monkeypatch.setattr(worker.compute, "set_pool_limit", lambda _xp, size: set_pool_limit(fake_xp, size))
+    set_pool_limit(fake_xp, engine.pool_limit_bytes)
     assert pool.limit == 1152 * 2**20
     chain_batch = engine.chain.reconstruct_batch
 
@@ -209,7 +214,9 @@ def test_a_batch_past_the_gpu_pool_limit_runs_again_without_it(engine, monkeypat
     out = {m.job: m for m in engine.process([item(j, packed(small_cells(j))) for j in (31, 32)])}
     assert all(isinstance(out[j], WorkResult) for j in (31, 32))
     assert engine.over_pool_limit == 1 and pool.freed == 2  # before and after
-    assert pool.limits == [1152 * 2**20, 0, 1152 * 2**20]  # lifted for that batch only
+    # lifted for that batch, then raised to what it held plus a tenth: such batches run once from now on
+    assert pool.limits == [1152 * 2**20, 0, 1152 * 2**20, 1650 * 2**20]
+    assert engine.pool_limit_bytes == 1650 * 2**20
     # without a limit (or on the host) a MemoryError is a real shortage: the events fail (alone), the
     # worker goes on
     for config in (replace(engine.config, gpu_pool_limit_mb=0), replace(engine.config, backend="numpy")):

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.gpu_pool_limit_mb,
         help="cupy: CuPy's pool (in use + cached) above which it releases its cache before growing; "
-        "a batch needing more runs once without it [MiB] (0: none; default %(default)s)",
+        "a batch needing more runs again without it and raises it [MiB] (0: none; default %(default)s)",
     )
     p.add_argument("--name", default=None, help="worker name (default host-pid)")
     p.add_argument("--curve-secret", type=Path, help="this worker's CURVE secret key file")

@@ -122,6 +122,7 @@ class Engine:
         self.preloaded: Cells | None = None
         self.info: dict[str, Any] = {}
         self.over_pool_limit = 0  # batches that ran without the GPU pool's limit
+        self.pool_limit_bytes = config.gpu_pool_limit_mb * 2**20  # raised by batches that need more
 
     def initialize(self) -> dict[str, Any]:
         """Select the device, load the detector, build and warm up the chain.
@@ -136,7 +137,7 @@ class Engine:
         t0 = self.clock()
         xp = get_namespace(cfg.backend)
         self.stream = select_device(xp, cfg.device)
-        set_pool_limit(xp, cfg.gpu_pool_limit_mb * 2**20)
+        set_pool_limit(xp, self.pool_limit_bytes)
         loader = self._load_detector
         if loader is None:
             from producer.io.detector import load_detector
@@ -243,7 +244,8 @@ class Engine:
 
     def _within_memory(self, cells: list[Cells]) -> list[tuple[Tracks, dict[str, float]]]:
         """The chain on a batch; one that needs more device memory than the pool's limit runs again
-        without it (the limit bounds what the pool caches, never which events are served)."""
+        without it, and the limit rises to what that batch held (the limit bounds what the pool caches,
+        never which events are served)."""
         assert self.chain is not None and self.xp is not None
         try:
             return list(self.chain.reconstruct_batch(cells))
@@ -251,16 +253,21 @@ class Engine:
             if self.config.gpu_pool_limit_mb == 0 or self.config.backend != "cupy":
                 raise  # a real shortage: no limit of ours to lift
         self.over_pool_limit += 1
-        if self.over_pool_limit & (self.over_pool_limit - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time
-            log.info(
-                "a batch of %d events needed more than the %d MiB GPU pool limit (%d batches so far); "
-                "running it without the limit",
-                len(cells),
-                self.config.gpu_pool_limit_mb,
-                self.over_pool_limit,
-            )
-        with pool_limit_lifted(self.xp):
-            return list(self.chain.reconstruct_batch(cells))
+        with pool_limit_lifted(self.xp) as lifted:
+            result = list(self.chain.reconstruct_batch(cells))
+        # batches like this one should not run twice: the limit rises to what it held, plus a tenth
+        old = self.pool_limit_bytes
+        self.pool_limit_bytes = max(old, -(-lifted["high_water"] * 11 // 10 // 2**20) * 2**20)
+        set_pool_limit(self.xp, self.pool_limit_bytes)
+        log.info(
+            "a batch of %d events needed more than the %d MiB GPU pool limit (%d batches so far): ran it "
+            "without the limit, which now is %d MiB",
+            len(cells),
+            old // 2**20,
+            self.over_pool_limit,
+            self.pool_limit_bytes // 2**20,
+        )
+        return result
 
     def process(self, items: Sequence[JobItem]) -> list[WorkerMessage]:
         """Reconstruct a batch; one RESULT or FAILED message per item, in order."""

@@ -47,7 +47,7 @@ class WorkerConfig:
         warmup_events: events used by "auto" or a path [events].
         gpu_pool_limit_mb: cupy backend: CuPy's memory pool, in use and cached, above which it hands
             its cached blocks back before growing [MiB]; a batch that needs more than that runs again
-            without the limit (0: no limit). The default sits above the live peak of nearly every mu=200
+            without the limit, which then rises to what that batch held plus a tenth (0: no limit). The default sits above the live peak of nearly every mu=200
             batch of 8: such a worker holds 1.9 GB instead of 3.7 GB at the same speed (bench/RESULTS.md).
         name: worker name in logs and broker stats.
         keys: CURVE keys (None: plain TCP).
