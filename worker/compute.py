@@ -157,11 +157,11 @@ class Engine:
             )
         t1 = self.clock()
         warm = self._warmup_events(detector)
-        try:
+        try:  # as batches are served: a warm-up batch past the GPU pool's limit raises the limit
             for c in warm:
-                self.chain.reconstruct(c)
+                self._within_memory([c])
             if warm and cfg.batch_max > 1:
-                self.chain.reconstruct_batch((warm * cfg.batch_max)[: cfg.batch_max])
+                self._within_memory((warm * cfg.batch_max)[: cfg.batch_max])
         except Exception:
             # warm-up only saves time on the first event; a chain that fails here will fail per event
             log.exception("warm-up failed; serving anyway")
