@@ -257,7 +257,8 @@ class Engine:
             result = list(self.chain.reconstruct_batch(cells))
         # batches like this one should not run twice: the limit rises to what it held, plus a tenth
         old = self.pool_limit_bytes
-        self.pool_limit_bytes = max(old, -(-lifted["high_water"] * 11 // 10 // 2**20) * 2**20)
+        needed = lifted["high_water"] * 11 // 10
+        self.pool_limit_bytes = max(old, (needed + 2**20 - 1) // 2**20 * 2**20)  # whole MiB
         set_pool_limit(self.xp, self.pool_limit_bytes)
         log.info(
             "a batch of %d events needed more than the %d MiB GPU pool limit (%d batches so far): ran it "
