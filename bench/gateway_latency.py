@@ -113,6 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="another trackfleet source tree (e.g. a `git worktree` of the commit before a change): its "
         "gateway is timed too, in the same rounds, as PATH@baseline",
     )
+    p.add_argument(
+        "--worker-delay-ms",
+        type=float,
+        default=0.0,
+        help="the stand-in worker answers each job this long after it arrives, as a GPU worker busy with "
+        "the chain (its CPU idle) would: with a fleet's ~30 ms the gateway's threads wait as long "
+        "between requests as in a real run (default %(default)s)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     # internal: the gateway process
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -120,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--endpoints-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--timings-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--detector", type=Path, default=BUNDLED, help=argparse.SUPPRESS)
+    p.add_argument("--ports", default="0,0,-1", help=argparse.SUPPRESS)  # HTTP, gRPC, metrics
+    p.add_argument("--grpc-threads", type=int, default=8, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -202,10 +213,11 @@ def synth_tracks(n_tracks: int, seed: int = 2) -> Any:
 class InstantWorker(threading.Thread):
     """Registers with the broker and answers every job at once with the same packed tracks."""
 
-    def __init__(self, endpoint: str, tracks_payload: tuple[Any, ...]) -> None:
+    def __init__(self, endpoint: str, tracks_payload: tuple[Any, ...], delay_s: float = 0.0) -> None:
         super().__init__(name="instant-worker", daemon=True)
         self.endpoint = endpoint
         self.payload = tracks_payload
+        self.delay_s = delay_s
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -232,6 +244,8 @@ class InstantWorker(threading.Thread):
             if sock.poll(100):
                 msg = decode_worker(sock.recv_multipart(copy=False))
                 if isinstance(msg, Job):
+                    if self.delay_s > 0:
+                        time.sleep(self.delay_s)
                     timings = {"decode_s": 0.0, "chain_s": 0.0, "pack_s": 0.0, "worker_queue_s": 0.0}
                     result = WorkResult(msg.job, msg.epoch, timings, self.payload)
                     sock.send_multipart(encode(result), copy=False)
@@ -299,6 +313,37 @@ def serve(args: argparse.Namespace) -> int:
     ):
         if hasattr(svc, name):
             setattr(svc, name, timed(phase, getattr(svc, name)))
+    if hasattr(svc, "write_outputs"):
+        svc.write_outputs = timed("write_shm", svc.write_outputs)
+    # the broker round trip as the gateway sees it: ``to_reply`` from the request's hand-over to the
+    # bridge until its thread holds the reply, ``wake`` from then until the request's thread goes on
+    bridge_submit = svc.BrokerBridge.submit
+
+    def submit(self: Any, *a: Any, **kw: Any) -> Any:
+        t = getattr(local, "t", None)
+        t_sub = time.perf_counter()
+        fut = bridge_submit(self, *a, **kw)
+        if t is not None:
+            t["_sub"] = t_sub
+
+            def done(_f: Any) -> None:
+                t["to_reply"] = time.perf_counter() - t_sub
+                t["_done"] = time.perf_counter()
+
+            fut.add_done_callback(done)
+        return fut
+
+    svc.BrokerBridge.submit = submit  # type: ignore[method-assign]
+    unpack = getattr(svc, "unpack_tracks", None)
+    if unpack is not None:
+
+        def unpack_tracks(*a: Any, **kw: Any) -> Any:
+            t = getattr(local, "t", None)
+            if t is not None and "_done" in t:
+                t["wake"] = time.perf_counter() - t.pop("_done")
+            return unpack(*a, **kw)
+
+        svc.unpack_tracks = unpack_tracks
     infer = timed("infer", svc.Gateway.infer)
 
     def infer_with_id(*a: Any, **kw: Any) -> Any:
@@ -344,8 +389,11 @@ def serve(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {}
     if args.pack_threads and "pack_threads" in {f.name for f in dataclasses.fields(GatewayConfig)}:
         settings["pack_threads"] = args.pack_threads
-    config = GatewayConfig(broker=args.broker, detector=BUNDLED, request_timeout_s=60.0, **settings)
-    app = GatewayApp(config, Ports("127.0.0.1", 0, 0, -1), grpc_threads=8)
+    config = GatewayConfig(broker=args.broker, detector=args.detector, request_timeout_s=60.0, **settings)
+    http_port, grpc_port, metrics_port = (int(x) for x in args.ports.split(","))
+    app = GatewayApp(
+        config, Ports("127.0.0.1", http_port, grpc_port, metrics_port), grpc_threads=args.grpc_threads
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     app.start()
@@ -491,6 +539,9 @@ def gateway_phases(rs: list[dict[str, Any]], spans: list[tuple[float, float]]) -
         [r["infer"] - r.get("decode", 0) - r.get("pack", 0) - r.get("output", 0) for r in rs]
     )
     phases["output"] = median_ms([r.get("output", 0.0) for r in rs])
+    for key in ("to_reply", "wake", "write_shm"):  # trees whose gateway has these steps
+        if any(key in r for r in rs):
+            phases[key] = median_ms([r.get(key, 0.0) for r in rs])
     # what is left of the handler: response encoding and writing (+ routing)
     phases["respond"] = median_ms([r["total"] - r["infer"] - r.get("parse", 0) for r in rs])
     phases["handler"] = median_ms([r["total"] for r in rs])
@@ -679,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
             gateways[tag] = start_gateway(fleet.frontend, run, tag, root, args.pack_threads)
         if client_cpus:
             os.sched_setaffinity(0, client_cpus)  # before this process starts any thread
-        worker = InstantWorker(fleet.backend, (header, *bufs))
+        worker = InstantWorker(fleet.backend, (header, *bufs), args.worker_delay_ms / 1e3)
         worker.start()
         fleet.wait_ready(1, timeout_s=20)
         calls: dict[str, Call] = {}

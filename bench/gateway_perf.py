@@ -19,9 +19,16 @@ drift during the run then weighs on both sides alike (single runs at concurrency
 between calls). Everything is warmed up first (CuPy compiles kernels per shape, and
 batches of every size appear only under load).
 
-Writes to ``--out`` (at most 8 files): ``perf_analyzer.csv`` (perf_analyzer's rows, all N),
+``--gateway-timings`` runs the gateway under ``bench/gateway_latency.py --serve`` (the same gateway with
+that script's phase timers wrapped around its functions) and reports, per N, the median of each phase of
+the gateway's requests (``gateway_phases_ms`` in the summary): parse, decode, pack, ``to_reply`` (the
+request handed to the broker thread until that thread holds the reply), ``wake`` (until the request's
+thread goes on), output, ``write_shm``, respond, and the handler's total.
+
+Writes to ``--out`` (at most 9 files): ``perf_analyzer.csv`` (perf_analyzer's rows, all N),
 ``trackfleet_perf.csv`` (``trackfleet perf``'s rows, when it ran), ``direct.csv`` (the direct side as
-compared), ``summary.json``, ``summary.md``, ``perf_analyzer.log``, ``fleet.log``.
+compared), ``summary.json``, ``summary.md``, ``perf_analyzer.log``, ``fleet.log``, and with
+``--gateway-timings`` the raw ``gateway_timings.json``.
 
     python bench/gateway_perf.py --input .devdata/mu200-cells --workers 4 --batch 3 \\
         --perf-analyzer /tmp/site/perf_analyzer/bin/perf_analyzer --out $OUT
@@ -97,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8 * 2**20,
         help="with --shared-memory system: perf_analyzer --output-shared-memory-size, bytes per output "
         "(a mu=200 event's largest output is a few MB; default %(default)s)",
+    )
+    p.add_argument(
+        "--gateway-timings",
+        action="store_true",
+        help="run the gateway with bench/gateway_latency.py's phase timers and report the median of every "
+        "phase of its requests per concurrency (summary's gateway_phases_ms)",
     )
     p.add_argument(
         "--direct",
@@ -229,25 +242,23 @@ def start_gateway(args: argparse.Namespace, frontend: str, run: Path) -> tuple[s
     http_port, grpc_port, metrics_port = (int(x) for x in args.ports.split(","))
     ep = run / "gateway.json"
     log = (run / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "producer.gateway",
-            "-v",
-            "--broker",
-            frontend,
-            "--detector",
-            str(args.input),
+    # --gateway-timings: the gateway with gateway_latency.py's phase timers (bench code, not the product's)
+    if args.gateway_timings:
+        cmd = [sys.executable, str(ROOT / "bench" / "gateway_latency.py"), "--serve", "--root", str(ROOT)]
+        cmd += ["--timings-file", str(args.out / "gateway_timings.json"), "--grpc-threads", "64"]
+        cmd += ["--ports", args.ports, "--detector", str(args.input)]
+    else:
+        cmd = [sys.executable, "-m", "producer.gateway", "-v", "--detector", str(args.input)]
+        cmd += [
             "--http-port",
             str(http_port),
             "--grpc-port",
             str(grpc_port),
             "--metrics-port",
             str(metrics_port),
-            "--endpoints-file",
-            str(ep),
-        ],
+        ]
+    proc = subprocess.Popen(
+        [*cmd, "--broker", frontend, "--endpoints-file", str(ep)],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -384,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 gateway.kill()
         fleet.stop(timeout_s=20)
+        if args.gateway_timings:
+            summary["gateway_phases_ms"] = phases_by_level(
+                args.out / "gateway_timings.json", summary.get("gateway_windows", [])
+            )
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
         (args.out / "summary.md").write_text(markdown(summary))
         with (args.out / "fleet.log").open("w") as f:
@@ -392,6 +407,30 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(f"==> {log_path.relative_to(run)} ({len(lines)} lines, last 200) <==\n")
                 f.write("\n".join(lines[-200:]) + "\n")
         say(f"wrote {sorted(p.name for p in args.out.iterdir())}")
+
+
+def phases_by_level(timings: Path, windows: list[list[float]]) -> dict[str, dict[str, float]]:
+    """Median [ms] of every phase the timed gateway recorded, over the requests of each concurrency (a
+    request belongs to the perf_analyzer run whose span holds its start)."""
+    if not timings.exists():
+        return {}
+    records = json.loads(timings.read_text())
+    out: dict[str, dict[str, float]] = {}
+    for c in sorted({int(w[0]) for w in windows}):
+        spans = [(w[2], w[3]) for w in windows if int(w[0]) == c]
+        mine = [r for r in records if any(a <= r.get("t0", -1.0) <= b for a, b in spans)]
+        phases = sorted(
+            {
+                k
+                for r in mine
+                for k, v in r.items()
+                if isinstance(v, float) and k not in ("t0", "t1") and not k.startswith(("_", "t0_"))
+            }
+        )
+        out[str(c)] = {"requests": len(mine)} | {
+            k: round(1e3 * statistics.median(r.get(k, 0.0) for r in mine), 3) for k in phases
+        }
+    return out
 
 
 def direct_level(
@@ -432,7 +471,10 @@ def interleaved(
                     say(
                         f"round {k} direct c={c}: {r['throughput_eps']} events/s, p50 {r.get('latency_p50_ms')} ms"
                     )
-                for r in perf_analyzer(args, ports, data, c, run, log, f"_r{k}"):
+                t0 = time.perf_counter()
+                found = perf_analyzer(args, ports, data, c, run, log, f"_r{k}")
+                summary.setdefault("gateway_windows", []).append([c, k, t0, time.perf_counter()])
+                for r in found:
                     pa_rows.append({**r, "round": str(k)})
                     say(
                         f"round {k} gateway c={c}: {r.get('Inferences/Second')} infer/s, p50 {r.get('p50 latency')} us"
@@ -534,6 +576,20 @@ def markdown(s: dict[str, Any]) -> str:
             f"{r['direct_p50_ms']}/{r['direct_p99_ms']} | {r['gateway_p50_ms']}/{r['gateway_p99_ms']} | "
             f"{r['gateway_gpu_utilization']} |"
         )
+    phases = s.get("gateway_phases_ms") or {}
+    if phases:
+        keys = sorted({k for p in phases.values() for k in p if k != "requests"})
+        lines += [
+            "",
+            "Gateway phases, median per request [ms] (--gateway-timings):",
+            "",
+            "| concurrency | requests | " + " | ".join(keys) + " |",
+            "|---" * (len(keys) + 2) + "|",
+        ]
+        for c, p in phases.items():
+            lines.append(
+                f"| {c} | {p.get('requests')} | " + " | ".join(str(p.get(k, "")) for k in keys) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
