@@ -25,11 +25,17 @@ medians [ms]: ``before_handler`` (client send to handler start: the request's tr
 grpc's own receive), ``read`` (HTTP: the body), ``parse`` (KServe JSON header / message -> inputs),
 ``decode`` (names, datatypes, shapes, sizes), ``pack`` (value checks, order check, a detector check in trees before the workers took it over,
 packing for the broker), ``fleet`` (submit to reply: the broker round trip, ``direct`` plus the hop
-into the gateway's broker thread), ``output`` (tracks -> output tensors), ``respond`` (response encoding
+into the gateway's broker thread; within it ``to_reply``, the request handed to that thread until the thread
+holds the reply, and ``wake``, until the request's thread goes on), ``output`` (tracks -> output tensors),
+``write_shm`` (outputs into the client's shared memory), ``respond`` (response encoding
 and writing), ``handler`` (all of the handler), ``after_handler`` (handler end to the client holding the
 answer). ``grpc_protobuf_parse_ms`` is protobuf's own parse of the request, timed apart (what a handler
 on the parsed message pays before it starts). ``--baseline DIR`` times a second tree's gateway in the
 same rounds (paths ``...@baseline``).
+
+``--worker-delay-ms`` has the stand-in worker answer as late as a GPU worker would (~30 ms at mu=200), so
+that the gateway's threads idle between requests as they do in a real run. ``bench/gateway_perf.py
+--gateway-timings`` runs this script's gateway (``--serve``) under perf_analyzer and a real fleet.
 
 On a small machine placement decides how fast 10 MB cross loopback, so ``--cpus`` pins the client and
 the worker to one core and the gateway and the broker to another (on a 2-core VM a gRPC request whose
