@@ -330,7 +330,6 @@ def serve(args: argparse.Namespace) -> int:
         t_sub = time.perf_counter()
         fut = bridge_submit(self, *a, **kw)
         if t is not None:
-            t["_sub"] = t_sub
 
             def done(_f: Any) -> None:
                 t["to_reply"] = time.perf_counter() - t_sub
