@@ -419,6 +419,9 @@ def phases_by_level(timings: Path, windows: list[list[float]]) -> dict[str, dict
     for c in sorted({int(w[0]) for w in windows}):
         spans = [(w[2], w[3]) for w in windows if int(w[0]) == c]
         mine = [r for r in records if any(a <= r.get("t0", -1.0) <= b for a, b in spans)]
+        if not mine:  # perf_analyzer sent nothing at this level (it failed): no medians to give
+            out[str(c)] = {"requests": 0}
+            continue
         phases = sorted(
             {
                 k
